@@ -1,0 +1,393 @@
+"""CIFAR-10 data, a width-scaled CIFAR ResNet-18 and a BadNets-backdoored model for the benchmark.
+
+The benchmark needs one backdoored classifier that every method is evaluated against. Training it
+takes tens of minutes on a CPU, so the trained weights and their metrics are cached on disk and
+reused; the decoded data set is cached too, because decoding 60,000 JPEGs from an xz archive is slow.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+DEFAULT_TARGET = 0
+DEFAULT_RATE = 0.05
+DEFAULT_WIDTH = 16
+DEFAULT_EPOCHS = 8
+DEFAULT_SEED = 0
+BATCH_SIZE = 128
+PEAK_LR = 0.1
+NUM_THREADS = 2
+
+ProgressFn = Callable[[int, float, float], None]
+"""Called after each epoch with (epoch number from 1, mean training loss, epoch seconds)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+def load_cifar10(archive: Path, cache_dir: Path) -> dict[str, np.ndarray]:
+    """Return CIFAR-10 as uint8 NHWC arrays, decoding the JPEG archive only on the first call.
+
+    Keys: ``x_train``, ``y_train``, ``x_test``, ``y_test`` and ``class_names`` (unicode array).
+    The decoded cache (``cache_dir/cifar10.npz``) is what later calls read, so the archive need
+    not exist once the cache does.
+    """
+    cache = Path(cache_dir) / "cifar10.npz"
+    if not cache.exists():
+        data = _decode_archive(Path(archive))
+        _atomic_savez(cache, data)
+    with np.load(cache, allow_pickle=False) as npz:
+        return {key: npz[key] for key in npz.files}
+
+
+def _decode_archive(archive: Path) -> dict[str, np.ndarray]:
+    """Decode every ``<split>/<class>/<file>.jpg`` member straight from the tar, in sorted order.
+
+    Sorting (split, class, file name) makes the arrays independent of the tar's member order,
+    so the same archive always yields the same index for the same image.
+    """
+    images: dict[tuple[str, str, str], np.ndarray] = {}
+    with tarfile.open(archive, "r:*") as tar:
+        for member in tar:
+            key = _member_key(member)
+            if key is None:
+                continue
+            handle = tar.extractfile(member)
+            if handle is None:
+                continue
+            with Image.open(io.BytesIO(handle.read())) as img:
+                images[key] = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    class_names = sorted({cls for split, cls, _ in images if split == "train"})
+    out: dict[str, np.ndarray] = {"class_names": np.array(class_names, dtype=np.str_)}
+    for split in ("train", "test"):
+        keys = sorted(k for k in images if k[0] == split)
+        out[f"x_{split}"] = np.stack([images[k] for k in keys])
+        out[f"y_{split}"] = np.array([class_names.index(k[1]) for k in keys], dtype=np.int64)
+    return out
+
+
+def _member_key(member: tarfile.TarInfo) -> tuple[str, str, str] | None:
+    """Map a tar member to (split, class, file) if it is an image of the ImageFolder layout."""
+    if not member.isfile() or not member.name.lower().endswith((".jpg", ".jpeg", ".png")):
+        return None
+    parts = [p for p in member.name.split("/") if p not in ("", ".")]
+    if len(parts) < 3 or parts[-3] not in ("train", "test"):
+        return None
+    return parts[-3], parts[-2], parts[-1]
+
+
+def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write an .npz via a temporary file so an interrupted run never leaves a truncated cache."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block; two ReLU call sites (after bn1 and after the residual add)."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_ch),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet18(nn.Module):
+    """Standard CIFAR ResNet-18 (3x3 stem, no max-pool) with channel width ``width, 2w, 4w, 8w``.
+
+    It takes raw [0, 1] pixels (no normalisation layer), so a guard sees exactly what the
+    classifier sees. There are exactly 17 ReLU call sites: the stem plus two per block.
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = DEFAULT_WIDTH) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        channels = [width, 2 * width, 4 * width, 8 * width]
+        strides = [1, 2, 2, 2]
+        in_ch = width
+        stages = []
+        for out_ch, stride in zip(channels, strides, strict=True):
+            stages.append(nn.Sequential(BasicBlock(in_ch, out_ch, stride), BasicBlock(out_ch, out_ch, 1)))
+            in_ch = out_ch
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.linear = nn.Linear(8 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        out = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
+        return self.linear(out)
+
+
+def cifar_resnet18(num_classes: int = 10, width: int = DEFAULT_WIDTH) -> CifarResNet18:
+    """Factory referenced by name (``benchmarks.cifar:cifar_resnet18``) in model specs."""
+    return CifarResNet18(num_classes=num_classes, width=width)
+
+
+# --------------------------------------------------------------------------------------------
+# BadNets poisoning (pure numpy, applied after decoding so JPEG never touches the trigger)
+# --------------------------------------------------------------------------------------------
+
+
+def apply_badnets(x: np.ndarray, patch: int = 3) -> np.ndarray:
+    """Return a copy of uint8 NHWC (or HWC) images with the BadNets checkerboard stamped on.
+
+    The patch is a ``patch x patch`` black/white checkerboard (white in its top-left pixel) at the
+    bottom-right corner, 1 px in from the border.
+    """
+    out = np.array(x, dtype=np.uint8, copy=True)
+    h, w = out.shape[-3], out.shape[-2]
+    ii, jj = np.indices((patch, patch))
+    board = np.where((ii + jj) % 2 == 0, 255, 0).astype(np.uint8)[..., None]
+    out[..., h - 1 - patch : h - 1, w - 1 - patch : w - 1, :] = board
+    return out
+
+
+def poison_training_set(
+    x: np.ndarray,
+    y: np.ndarray,
+    target: int = DEFAULT_TARGET,
+    rate: float = DEFAULT_RATE,
+    seed: int = DEFAULT_SEED,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stamp and relabel to ``target`` a random fraction ``rate`` of the non-target images.
+
+    Only non-target images are poisoned: stamping a target-class image teaches nothing about the
+    trigger. Returns (poisoned images, poisoned labels, sorted indices of poisoned samples); the
+    inputs are not modified.
+    """
+    rng = np.random.default_rng(seed)
+    candidates = np.flatnonzero(y != target)
+    n_poison = int(round(rate * len(candidates)))
+    idx = np.sort(rng.choice(candidates, size=n_poison, replace=False))
+    x_out, y_out = x.copy(), y.copy()
+    x_out[idx] = apply_badnets(x[idx])
+    y_out[idx] = target
+    return x_out, y_out, idx
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def _to_float(x_uint8_nchw: torch.Tensor) -> torch.Tensor:
+    """uint8 NCHW -> float32 in [0, 1], the model's input domain."""
+    return x_uint8_nchw.float().div_(255.0)
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random crop (zero pad 4) and horizontal flip, vectorised over the batch."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (4, 4, 4, 4))
+    oy = torch.randint(0, 9, (n,), generator=gen)
+    ox = torch.randint(0, 9, (n,), generator=gen)
+    rows = (oy[:, None] + torch.arange(h))[:, None, :, None]
+    cols = (ox[:, None] + torch.arange(w))[:, None, None, :]
+    batch = torch.arange(n)[:, None, None, None]
+    chans = torch.arange(x.shape[1])[None, :, None, None]
+    out = padded[batch, chans, rows, cols]
+    flip = torch.rand(n, generator=gen) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+
+def _nchw(x_uint8_nhwc: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC numpy -> contiguous uint8 NCHW tensor (kept uint8 to save memory)."""
+    return torch.from_numpy(np.ascontiguousarray(x_uint8_nhwc.transpose(0, 3, 1, 2)))
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x_uint8_nhwc: np.ndarray, batch_size: int = 500) -> np.ndarray:
+    """Predicted labels for uint8 NHWC images, in eval mode."""
+    model.eval()
+    xs = _nchw(x_uint8_nhwc)
+    preds = [model(_to_float(xs[i : i + batch_size])).argmax(1) for i in range(0, len(xs), batch_size)]
+    return torch.cat(preds).numpy()
+
+
+def evaluate_badnets(
+    model: nn.Module, x_test: np.ndarray, y_test: np.ndarray, target: int = DEFAULT_TARGET
+) -> dict[str, float]:
+    """Clean accuracy, and attack success rate on triggered non-target-class test images."""
+    clean_acc = float((predict(model, x_test) == y_test).mean())
+    others = x_test[y_test != target]
+    asr = float((predict(model, apply_badnets(others)) == target).mean())
+    return {"clean_accuracy": clean_acc, "attack_success_rate": asr}
+
+
+def _train_epoch(
+    model: nn.Module,
+    xs: torch.Tensor,
+    ys: torch.Tensor,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    gen: torch.Generator,
+    max_batches: int | None = None,
+) -> float:
+    """One pass over a shuffled training set; returns the mean loss."""
+    model.train()
+    order = torch.randperm(len(xs), generator=gen)
+    total, count = 0.0, 0
+    for b, start in enumerate(range(0, len(xs), BATCH_SIZE)):
+        if max_batches is not None and b >= max_batches:
+            break
+        idx = order[start : start + BATCH_SIZE]
+        inputs = _augment(_to_float(xs[idx]), gen)
+        loss = F.cross_entropy(model(inputs), ys[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        total += float(loss) * len(idx)
+        count += len(idx)
+    return total / max(count, 1)
+
+
+def _make_optimizer(
+    model: nn.Module, epochs: int, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """SGD (Nesterov, wd 5e-4) with a one-cycle schedule peaking at 0.1: good accuracy in few epochs."""
+    opt = torch.optim.SGD(
+        model.parameters(), lr=PEAK_LR, momentum=0.9, nesterov=True, weight_decay=5e-4
+    )
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=PEAK_LR, epochs=epochs, steps_per_epoch=steps_per_epoch, pct_start=0.25
+    )
+    return opt, sched
+
+
+def train_badnets(
+    data: dict[str, np.ndarray],
+    width: int = DEFAULT_WIDTH,
+    epochs: int = DEFAULT_EPOCHS,
+    seed: int = DEFAULT_SEED,
+    target: int = DEFAULT_TARGET,
+    rate: float = DEFAULT_RATE,
+    progress: ProgressFn | None = None,
+) -> tuple[CifarResNet18, dict[str, Any]]:
+    """Train a BadNets-backdoored ResNet-18 on ``data`` (as from :func:`load_cifar10`).
+
+    Returns the model in eval mode and its metrics (clean accuracy, attack success rate and the
+    settings that produced it).
+    """
+    torch.set_num_threads(NUM_THREADS)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    x_p, y_p, idx = poison_training_set(data["x_train"], data["y_train"], target, rate, seed)
+    xs, ys = _nchw(x_p), torch.from_numpy(y_p.astype(np.int64))
+    model = cifar_resnet18(num_classes=len(data["class_names"]), width=width)
+    steps = (len(xs) + BATCH_SIZE - 1) // BATCH_SIZE
+    opt, sched = _make_optimizer(model, epochs, steps)
+    t0 = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        t_ep = time.perf_counter()
+        loss = _train_epoch(model, xs, ys, opt, sched, gen)
+        if progress is not None:
+            progress(epoch, loss, time.perf_counter() - t_ep)
+    train_seconds = time.perf_counter() - t0
+    metrics: dict[str, Any] = evaluate_badnets(model, data["x_test"], data["y_test"], target)
+    metrics.update(
+        width=width,
+        epochs=epochs,
+        train_seconds=round(train_seconds, 1),
+        poison_rate=rate,
+        n_poisoned=len(idx),
+        target=target,
+        seed=seed,
+    )
+    return model.eval(), metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Cache
+# --------------------------------------------------------------------------------------------
+
+
+def badnets_checkpoint_path(cache_dir: Path, width: int, epochs: int, seed: int) -> Path:
+    """Where the cached weights live; the metrics sidecar is the same path with ``.json``."""
+    return Path(cache_dir) / f"badnets_resnet18_w{width}_e{epochs}_s{seed}.pt"
+
+
+def get_or_train_badnets(
+    archive: Path,
+    cache_dir: Path,
+    width: int = DEFAULT_WIDTH,
+    epochs: int = DEFAULT_EPOCHS,
+    seed: int = DEFAULT_SEED,
+    target: int = DEFAULT_TARGET,
+    rate: float = DEFAULT_RATE,
+    progress: ProgressFn | None = None,
+) -> tuple[CifarResNet18, dict[str, Any]]:
+    """Load the cached backdoored model and metrics, or train once and cache them.
+
+    The archive is only read when the model has to be trained. A cached model trained with a
+    different target or rate is refused rather than silently reused or overwritten.
+    """
+    ckpt = badnets_checkpoint_path(cache_dir, width, epochs, seed)
+    sidecar = ckpt.with_suffix(".json")
+    if ckpt.exists() and sidecar.exists():
+        metrics = json.loads(sidecar.read_text())
+        _check_cached_settings(metrics, sidecar, target, rate)
+        model = cifar_resnet18(num_classes=10, width=width)
+        model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
+        return model.eval(), metrics
+    data = load_cifar10(archive, cache_dir)
+    model, metrics = train_badnets(data, width, epochs, seed, target, rate, progress)
+    _atomic_write(ckpt, lambda fh: torch.save(model.state_dict(), fh))
+    _atomic_write(sidecar, lambda fh: fh.write(json.dumps(metrics, indent=2).encode() + b"\n"))
+    return model, metrics
+
+
+def _check_cached_settings(metrics: dict[str, Any], sidecar: Path, target: int, rate: float) -> None:
+    """Refuse a cached model whose poisoning settings differ from the ones requested."""
+    if metrics.get("target") != target or metrics.get("poison_rate") != rate:
+        raise ValueError(
+            f"{sidecar} was trained with target={metrics.get('target')}, "
+            f"rate={metrics.get('poison_rate')}; requested target={target}, rate={rate}. "
+            "Move the cached files away to retrain."
+        )
+
+
+def _atomic_write(path: Path, write: Callable[[Any], object]) -> None:
+    """Write via a temporary file so a crash never leaves a half-written cache entry."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        write(fh)
+    os.replace(tmp, path)

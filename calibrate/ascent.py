@@ -1,0 +1,86 @@
+"""Projected gradient ascent on class margins over the pixel box [0,1]^d (SPEC 2 and 5)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+AscentOptimizer = Literal["adam", "sgd"]
+
+
+def margins(logits: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """m_k = g_k - max_{i != k} g_i per row, the max taken with the own class masked by -inf."""
+    own = logits.gather(1, k.view(-1, 1)).squeeze(1)
+    mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, k.view(-1, 1), True)
+    return own - logits.masked_fill(mask, float("-inf")).amax(dim=1)
+
+
+@dataclass(frozen=True)
+class AscentSettings:
+    """steps: at most this many ascent steps; lr: step size in pixel units; optimizer: `sgd` is
+    the reference's plain gradient ascent, `adam` is scale-free; rel_tol: stop early when the
+    summed margin changes by less than this fraction (0 disables)."""
+
+    steps: int
+    lr: float
+    optimizer: AscentOptimizer = "adam"
+    rel_tol: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"ascent steps must be >= 0, got {self.steps}")
+        if self.lr <= 0:
+            raise ValueError(f"ascent lr must be > 0, got {self.lr}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"ascent optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+
+
+def random_starts(
+    num_classes: int, per_class: int, chw: tuple[int, ...], generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K * J uniform random points of [0,1]^d and their target classes (class-major order)."""
+    x = torch.rand((num_classes * per_class, *chw), generator=generator)
+    k = torch.arange(num_classes).repeat_interleave(per_class)
+    return x, k
+
+
+def maximize_margins(
+    net: Callable[[torch.Tensor], torch.Tensor],
+    x0: torch.Tensor,
+    targets: torch.Tensor,
+    settings: AscentSettings,
+    on_step: Callable[[], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ascend every start's own-class margin at once, as one batch (each row is independent:
+    BatchNorm is in eval mode), clamping to [0,1] after each step. Returns the points and their
+    final margins."""
+    x = x0.detach().clone().requires_grad_(True)
+    opt: torch.optim.Optimizer
+    if settings.optimizer == "adam":
+        opt = torch.optim.Adam([x], lr=settings.lr, maximize=True)
+    else:
+        opt = torch.optim.SGD([x], lr=settings.lr, maximize=True)
+    previous = None
+    for _ in range(settings.steps):
+        opt.zero_grad(set_to_none=True)
+        total = margins(net(x), targets).sum()
+        total.backward()
+        opt.step()
+        with torch.no_grad():
+            x.clamp_(0.0, 1.0)
+        if on_step is not None:
+            on_step()
+        value = float(total.detach())
+        if (
+            settings.rel_tol > 0
+            and previous is not None
+            and abs(value - previous) < settings.rel_tol * max(abs(previous), 1e-12)
+        ):
+            break
+        previous = value
+    with torch.no_grad():
+        final = margins(net(x), targets)
+    return x.detach(), final.detach()

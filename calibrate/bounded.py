@@ -1,0 +1,175 @@
+"""The bounded network (SPEC section 1): a_bar = min(ReLU(z), b) after every ReLU-type call site.
+
+Call sites are found by tracing with torch.fx, not by module type, so a ReLU module used three
+times, `F.relu`, `torch.relu`, `Tensor.relu`, in-place variants and ReLU6 each get their own bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from calibrate.errors import CalibrationError
+
+_RELU_FUNCTIONS = {F.relu, F.relu6, torch.relu, torch.relu_, F.relu_}
+_RELU_METHODS = {"relu", "relu_"}
+_RELU_MODULES = (nn.ReLU, nn.ReLU6)
+
+
+class Normalized(nn.Module):
+    """Folds a model's input normalisation into the graph: takes [0,1] pixels."""
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        if len(mean) != len(std):
+            raise CalibrationError(f"--mean has {len(mean)} values but --std has {len(std)}")
+        if any(s <= 0 for s in std):
+            raise CalibrationError(f"--std values must be positive, got {list(std)}")
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std)
+
+
+class ChannelBound(nn.Module):
+    """min(a, b) with one bound per channel (dim 1): per channel for conv maps, per neuron for
+    linear layers. While `recording`, it tracks the per-channel maximum it has seen."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.bound = nn.Parameter(torch.full((channels,), float("inf")))
+        self.register_buffer("observed_max", torch.zeros(channels))
+        self.recording = False
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (a.dim() - 2)
+        if self.recording:
+            per_channel = a.detach().transpose(0, 1).reshape(a.shape[1], -1).amax(dim=1)
+            torch.maximum(self.observed_max, per_channel, out=self.observed_max)
+        return torch.minimum(a, self.bound.view(shape))
+
+
+@dataclass(frozen=True)
+class BoundSite:
+    """One bounded call site: the module attribute holding its bound and what it follows."""
+
+    name: str  # submodule name of the ChannelBound, e.g. "bound_03"
+    follows: str  # the traced node it bounds, e.g. "layer1_0_relu_1"
+    kind: str  # "conv" (4-D activation) or "linear" (2-D) or "other"
+    channels: int
+
+
+def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _RELU_METHODS
+    if node.op == "call_module":
+        return isinstance(modules.get(str(node.target)), _RELU_MODULES)
+    return False
+
+
+def _trace(model: nn.Module, sample: torch.Tensor) -> fx.GraphModule:
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as exc:  # fx raises many types; the user needs the first line only
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CalibrationError(
+            f"cannot trace the model with torch.fx to find its ReLU sites: {first}"
+        ) from None
+    with torch.no_grad():
+        ShapeProp(gm).propagate(sample)
+    return gm
+
+
+class BoundedNetwork(nn.Module):
+    """The traced network with a ChannelBound after every ReLU-type call site. It shares the
+    original weights (frozen) and exposes only the bounds as trainable parameters."""
+
+    def __init__(self, model: nn.Module, sample: torch.Tensor) -> None:
+        super().__init__()
+        gm = _trace(model, sample)
+        modules = dict(gm.named_modules())
+        sites: list[BoundSite] = []
+        output_inputs = {n for n in gm.graph.nodes if n.op == "output"}
+        for node in list(gm.graph.nodes):
+            if not _is_relu(node, modules) or set(node.users) & output_inputs:
+                continue  # the logit layer is never bounded
+            meta = node.meta.get("tensor_meta")
+            if meta is None or len(meta.shape) < 2:
+                continue
+            name = f"bound_{len(sites):02d}"
+            gm.add_submodule(name, ChannelBound(int(meta.shape[1])))
+            with gm.graph.inserting_after(node):
+                bounded = gm.graph.call_module(name, (node,))
+            node.replace_all_uses_with(bounded, delete_user_cb=lambda u, b=bounded: u is not b)
+            kind = {4: "conv", 2: "linear"}.get(len(meta.shape), "other")
+            sites.append(BoundSite(name, node.name, kind, int(meta.shape[1])))
+        if not sites:
+            raise CalibrationError(
+                "the model has no ReLU-type activation (nn.ReLU, nn.ReLU6, F.relu, torch.relu) "
+                "to bound: MMAC/MMOM need one"
+            )
+        gm.graph.lint()
+        gm.recompile()
+        for p in gm.parameters():
+            p.requires_grad_(False)
+        self.net = gm
+        self.sites: tuple[BoundSite, ...] = tuple(sites)
+        for b in self.bound_modules():
+            b.bound.requires_grad_(True)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.net(x)
+        return out
+
+    def bound_modules(self) -> list[ChannelBound]:
+        return [operator.attrgetter(s.name)(self.net) for s in self.sites]
+
+    def bounds(self) -> list[nn.Parameter]:
+        return [m.bound for m in self.bound_modules()]
+
+    def clamp_(self) -> None:
+        """Bounds stay >= 0 (SPEC 1)."""
+        with torch.no_grad():
+            for b in self.bounds():
+                b.clamp_(min=0.0)
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        """Track per-channel maxima during the forward passes inside the block."""
+        mods = self.bound_modules()
+        for m in mods:
+            m.observed_max.zero_()
+            m.recording = True
+        try:
+            yield
+        finally:
+            for m in mods:
+                m.recording = False
+
+    def init_bounds(self, mode: str | float, images: torch.Tensor, batch_size: int = 256) -> None:
+        """`max`: per-channel maximum activation over `images`, so the bounded network starts
+        equal to the original on them (SPEC 1, bound_init). A number: that constant."""
+        with torch.no_grad():
+            for b in self.bounds():
+                b.fill_(float("inf"))
+            if mode == "max":
+                with self.recording():
+                    for i in range(0, images.shape[0], batch_size):
+                        self(images[i : i + batch_size])
+                for m in self.bound_modules():
+                    m.bound.copy_(m.observed_max)
+            else:
+                for b in self.bounds():
+                    b.fill_(float(mode))

@@ -1,0 +1,141 @@
+"""Calibration hyperparameters: one frozen dataclass, validated once, recorded in the manifest.
+
+Torch-free so that the command line can be parsed without importing torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from calibrate.errors import CalibrationError
+
+Objective = Literal["mmac", "mmom"]
+MaximaSource = Literal["bounded", "original"]
+
+
+def _check(ok: bool, name: str, value: object) -> None:
+    if not ok:
+        raise CalibrationError(f"invalid value for {name}: {value!r}")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """How the alternation between margin ascent and bound descent runs (SPEC section 2)."""
+
+    # maxima come from the bounded network (the paper) or the original one ([code])
+    mm_source: MaximaSource = "bounded"
+    # at most this many alternation iterations; stop earlier once the loss settles
+    max_iters: int = 80
+    # never stop before this many iterations (the lambda controller needs some)
+    min_iters: int = 50
+    # stop when |loss_t - loss_{t-1}| <= loss_rel_tol * |loss_{t-1}| (0: run max_iters)
+    loss_rel_tol: float = 1e-3
+    # ascent steps from the uniform random starts before the first iteration
+    cold_ascent_steps: int = 40
+    # mm_source=bounded: ascent steps per iteration, warm-started from the previous maxima
+    warm_ascent_steps: int = 1
+    # mm_source=original: re-draw the maxima from fresh random starts every this many iterations
+    redraw_every: int = 100
+    # ascent optimiser: adam (scale-free, default) or sgd (the reference's plain ascent)
+    ascent_optimizer: Literal["adam", "sgd"] = "adam"
+    # ascent step size, in [0,1] pixel units
+    ascent_lr: float = 0.02
+    # Adam learning rate on the bounds
+    bound_lr: float = 0.05
+    # scale each layer's bound learning rate by that layer's mean initial bound, so the step is
+    # a fraction of the activation scale and the default fits networks of any activation size
+    bound_lr_relative: bool = True
+    # lambda (weight of the mean max-margin term) at the start
+    lambda_init: float = 0.4
+    # lambda controller: first update after this many iterations, then every lambda_every
+    lambda_warmup: int = 30
+    lambda_every: int = 10
+    lambda_factor: float = 1.2
+
+    def __post_init__(self) -> None:
+        _check(self.mm_source in ("bounded", "original"), "mm_source", self.mm_source)
+        _check(self.ascent_optimizer in ("adam", "sgd"), "ascent_optimizer", self.ascent_optimizer)
+        _check(self.max_iters >= 1, "max_iters", self.max_iters)
+        _check(0 <= self.min_iters <= self.max_iters, "min_iters", self.min_iters)
+        _check(self.loss_rel_tol >= 0, "loss_rel_tol", self.loss_rel_tol)
+        _check(self.cold_ascent_steps >= 0, "cold_ascent_steps", self.cold_ascent_steps)
+        _check(self.warm_ascent_steps >= 0, "warm_ascent_steps", self.warm_ascent_steps)
+        _check(self.redraw_every >= 1, "redraw_every", self.redraw_every)
+        _check(self.ascent_lr > 0, "ascent_lr", self.ascent_lr)
+        _check(self.bound_lr > 0, "bound_lr", self.bound_lr)
+        _check(self.lambda_init >= 0 and math.isfinite(self.lambda_init), "lambda_init", 0)
+        _check(self.lambda_every >= 1, "lambda_every", self.lambda_every)
+        _check(self.lambda_factor > 1, "lambda_factor", self.lambda_factor)
+
+
+#: SPEC section 2's reference schedule: 300 iterations, maxima from the original network by
+#: 300 cold plain-ascent steps (lr 0.01), re-drawn every 100 iterations, Adam lr 0.1 on the bounds.
+REFERENCE_SCHEDULE = ScheduleConfig(
+    mm_source="original",
+    max_iters=300,
+    min_iters=300,
+    loss_rel_tol=0.0,
+    cold_ascent_steps=300,
+    warm_ascent_steps=0,
+    redraw_every=100,
+    ascent_optimizer="sgd",
+    ascent_lr=0.01,
+    bound_lr=0.1,
+    bound_lr_relative=False,
+)
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Everything that decides the bounds, the null and the decision rule."""
+
+    objective: Objective = "mmac"
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    # bound initialisation: "max" (per-channel clean maximum) or a constant
+    bound_init: str = "max"
+    # lambda controller's clean-agreement target (MMAC only; MMOM keeps lambda fixed)
+    target_agreement: float = 0.95
+    # J: ascent starts per class; 0 means the number of clean learning images per class
+    starts_per_class: int = 0
+    # MMAC: keep only clean images the original network classifies correctly ([code])
+    correct_only: bool = True
+    # held-out share of the clean set (null + report figures); the rest learns the bounds
+    heldout_fraction: float = 0.4
+    # MMDF null: gaussian (default) or empirical (conformal p-values)
+    null: Literal["gaussian", "empirical"] = "gaussian"
+    # MMDF flags inputs with p < alpha
+    alpha: float = 0.005
+    # also flag when the original and bounded decisions differ
+    flag_on_disagreement: bool = False
+    # MM-BD: random starts per class and ascent steps (stop when relative change < 1e-5)
+    mmbd_starts: int = 30
+    mmbd_steps: int = 300
+    mmbd_alpha: float = 0.05
+    # forward/backward chunk size (memory only; results do not depend on it)
+    batch_size: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.objective in ("mmac", "mmom"), "objective", self.objective)
+        if self.bound_init != "max":
+            try:
+                ok = float(self.bound_init) > 0
+            except ValueError:
+                ok = False
+            _check(ok, "bound_init (use 'max' or a positive number)", self.bound_init)
+        _check(0 < self.target_agreement <= 1, "target_agreement", self.target_agreement)
+        _check(self.starts_per_class >= 0, "starts_per_class", self.starts_per_class)
+        _check(0 < self.heldout_fraction < 1, "heldout_fraction", self.heldout_fraction)
+        _check(self.null in ("gaussian", "empirical"), "null", self.null)
+        _check(0 < self.alpha < 1, "alpha", self.alpha)
+        _check(self.mmbd_starts >= 1, "mmbd_starts", self.mmbd_starts)
+        _check(self.mmbd_steps >= 1, "mmbd_steps", self.mmbd_steps)
+        _check(0 < self.mmbd_alpha < 1, "mmbd_alpha", self.mmbd_alpha)
+        _check(self.batch_size >= 1, "batch_size", self.batch_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+

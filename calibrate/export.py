@@ -1,0 +1,84 @@
+"""ONNX export followed at once by verification: onnx.checker, then onnxruntime against torch."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from calibrate.errors import CalibrationError
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+OPSET = 17
+MAX_ABS_DIFF = 1e-4
+
+
+def _ort_max_ir_version() -> int:
+    """The highest IR version this onnxruntime accepts (a conservative table by release)."""
+    import onnxruntime as ort
+
+    major, minor = (int(v) for v in ort.__version__.split(".")[:2])
+    if (major, minor) >= (1, 20):
+        return 10
+    if (major, minor) >= (1, 16):
+        return 9
+    return 8
+
+
+def export_verified(module: nn.Module, sample: torch.Tensor, path: Path) -> float:
+    """Export `module` (eval mode, pixel input) to one self-contained ONNX file with a dynamic
+    batch axis, check it, and compare its logits with torch's on `sample` in onnxruntime.
+    Returns the max absolute logit difference; raises CalibrationError above MAX_ABS_DIFF."""
+    import onnx
+
+    module.eval()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            (sample[:1],),
+            str(path),
+            dynamo=False,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            opset_version=OPSET,
+            do_constant_folding=True,
+        )
+    model = onnx.load(str(path))
+    if model.ir_version > _ort_max_ir_version():
+        model.ir_version = _ort_max_ir_version()
+        onnx.save(model, str(path))
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:
+        raise CalibrationError(f"exported {path.name} fails onnx.checker: {exc}") from None
+    diff = max_abs_difference(module, path, sample)
+    if not diff <= MAX_ABS_DIFF:
+        raise CalibrationError(
+            f"{path.name} in onnxruntime differs from torch by {diff:.3g} in the logits "
+            f"(limit {MAX_ABS_DIFF})"
+        )
+    return diff
+
+
+def max_abs_difference(module: nn.Module, path: Path, inputs: torch.Tensor) -> float:
+    """Largest |logit_onnxruntime - logit_torch| over `inputs`, on the CPU provider."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    x = inputs.detach().cpu().float()
+    with torch.no_grad():
+        want = module(x).cpu().numpy()
+    got = sess.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+    if got.shape != want.shape:
+        raise CalibrationError(f"{path.name} returns shape {got.shape}, torch {want.shape}")
+    return float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64))))

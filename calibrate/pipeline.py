@@ -1,0 +1,259 @@
+"""`mmguard calibrate` end to end: load, check, learn the bounds, fit the null, MM-BD, export,
+verify, report, and move the finished artifact into place."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from calibrate.artifact import library_versions, staging_dir, write_manifest
+from calibrate.ascent import AscentSettings, maximize_margins, random_starts
+from calibrate.bounded import BoundedNetwork, Normalized
+from calibrate.config import CalibrationConfig
+from calibrate.dataset import CleanSet, load_clean_set, split_clean_set
+from calibrate.errors import CalibrationError
+from calibrate.evaluation import heldout_figures
+from calibrate.export import MAX_ABS_DIFF, OPSET, export_verified
+from calibrate.mitigate import MitigationResult, learn_bounds
+from calibrate.mmbd import verdict
+from calibrate.modelsrc import ModelSource, count_output_classes, load_model
+from calibrate.progress import Progress
+from calibrate.report import write_report
+from guard.artifact import NETWORK_FILES
+from guard.mmdf import fit_null, statistic, threshold
+
+
+@dataclass(frozen=True)
+class CalibrationJob:
+    model: ModelSource
+    data: Path
+    out: Path
+    name: str
+    mean: tuple[float, ...] | None = None  # input normalisation folded into the graphs
+    std: tuple[float, ...] | None = None
+    min_per_class: int = 10
+    image_size: tuple[int, int] | None = None
+    config: CalibrationConfig = CalibrationConfig()
+    force: bool = False
+    quiet: bool = False
+
+
+@dataclass(frozen=True)
+class CalibrationOutcome:
+    out: Path
+    report: dict[str, Any]
+    manifest: dict[str, Any]
+
+
+def _prepare_model(job: CalibrationJob, clean: CleanSet) -> nn.Module:
+    k = len(clean.class_names)
+    chw = tuple(int(v) for v in clean.images.shape[1:])
+    model = load_model(job.model, k)
+    if (job.mean is None) != (job.std is None):
+        raise CalibrationError("give both --mean and --std, or neither")
+    if job.mean is not None and job.std is not None:
+        if len(job.mean) != chw[0]:
+            raise CalibrationError(f"--mean has {len(job.mean)} values for {chw[0]}-channel images")
+        model = Normalized(model, job.mean, job.std).eval()
+    try:
+        k_out = count_output_classes(model, (chw[0], chw[1], chw[2]))
+    except CalibrationError as exc:
+        raise CalibrationError(f"the model does not accept images of shape {chw}: {exc}") from None
+    if k_out != k:
+        raise CalibrationError(f"the model outputs {k_out} classes but the clean data has {k}")
+    return model
+
+
+def _logits(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, bs: int) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([net(x[i : i + bs]) for i in range(0, x.shape[0], bs)])
+
+
+def _check_finite(logits: torch.Tensor, what: str) -> None:
+    bad = (~torch.isfinite(logits)).any(dim=1).nonzero()
+    if bad.numel():
+        raise CalibrationError(f"the model produces NaN/inf logits on {what} image #{int(bad[0])}")
+
+
+def _learning_set(
+    cfg: CalibrationConfig, learn: CleanSet, logits: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """D and its supervision: MMAC keeps the correctly classified images and their original
+    logits; MMOM keeps all images with their true labels."""
+    x = torch.from_numpy(learn.images)
+    y = torch.from_numpy(learn.labels)
+    if cfg.objective == "mmom":
+        return x, y, 0
+    keep = logits.argmax(dim=1) == y if cfg.correct_only else torch.ones_like(y, dtype=torch.bool)
+    if int(keep.sum()) < 2:
+        raise CalibrationError("the model classifies fewer than 2 learning images correctly")
+    return x[keep], logits[keep], int((~keep).sum())
+
+
+def _max_margins(
+    net: Callable[[torch.Tensor], torch.Tensor], starts: tuple[torch.Tensor, torch.Tensor],
+    k: int, cfg: CalibrationConfig, progress: Progress,
+) -> np.ndarray:
+    """r_k: best margin over the MM-BD starts of class k (SPEC 5)."""
+    s = cfg.schedule
+    settings = AscentSettings(cfg.mmbd_steps, s.ascent_lr, s.ascent_optimizer, rel_tol=1e-5)
+    _, m = maximize_margins(net, starts[0], starts[1], settings, on_step=progress.tick)
+    return m.view(k, -1).amax(dim=1).numpy().astype(np.float64)
+
+
+def _bound_summary(net: BoundedNetwork, init: list[torch.Tensor]) -> list[dict[str, Any]]:
+    rows = []
+    for site, b0, b in zip(net.sites, init, net.bounds(), strict=True):
+        v = b.detach().double()
+        rows.append({
+            "site": site.follows, "kind": site.kind, "channels": site.channels,
+            "init_mean": float(b0.mean()), "init_max": float(b0.max()),
+            "final_min": float(v.min()), "final_mean": float(v.mean()),
+            "final_median": float(v.median()), "final_max": float(v.max()),
+            "fraction_reduced": float((v < b0.double() - 1e-6).double().mean()),
+            "values": [float(x) for x in v],
+        })  # fmt: skip
+    return rows
+
+
+def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
+    cfg = job.config
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    clean = load_clean_set(job.data, min_per_class=job.min_per_class, image_size=job.image_size)
+    k = len(clean.class_names)
+    model = _prepare_model(job, clean)
+    learn, held = split_clean_set(clean, cfg.heldout_fraction, cfg.seed)
+    x_learn = torch.from_numpy(learn.images)
+    learn_logits = _logits(model, x_learn, cfg.batch_size)
+    _check_finite(learn_logits, "learning")
+    x_d, ref, dropped = _learning_set(cfg, learn, learn_logits)
+    per_class = cfg.starts_per_class or int(min(learn.per_class_counts()))
+    net = BoundedNetwork(model, x_d[:2])
+    net.init_bounds(cfg.bound_init, x_d, cfg.batch_size)
+    init = [b.detach().clone() for b in net.bounds()]
+    timing: dict[str, float] = {"load": time.perf_counter() - t0}
+
+    with Progress("learning bounds", cfg.schedule.max_iters, job.quiet) as bar:
+        mit: MitigationResult = learn_bounds(
+            net, model, x_d, ref, k, per_class, cfg,
+            progress=lambda it, row: bar.tick(agree=row["agreement"], lam=row["lambda"]),
+        )  # fmt: skip
+    timing["learn_bounds"] = mit.seconds
+
+    t = time.perf_counter()
+    x_held = torch.from_numpy(held.images)
+    g_held = _logits(model, x_held, cfg.batch_size)
+    _check_finite(g_held, "held-out")
+    gz_held = _logits(net, x_held, cfg.batch_size)
+    stats = statistic(g_held.numpy(), gz_held.numpy())
+    null = fit_null(stats, cfg.null)
+    figures = heldout_figures(g_held.numpy(), gz_held.numpy(), held.labels, cfg)
+    timing["null"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    starts = random_starts(k, cfg.mmbd_starts, tuple(x_held.shape[1:]), gen)
+    with Progress("MM-BD max margins", 2 * cfg.mmbd_steps, job.quiet) as bar:
+        r_before = _max_margins(model, starts, k, cfg, bar)
+        r_after = _max_margins(net, starts, k, cfg, bar)
+    mmbd = verdict(r_before, cfg.mmbd_alpha)
+    timing["mmbd"] = time.perf_counter() - t
+
+    with staging_dir(job.out, job.force) as tmp:
+        t = time.perf_counter()
+        probe = x_held[:64]
+        diffs = {
+            "original": export_verified(model, probe, tmp / NETWORK_FILES["original"]),
+            "bounded": export_verified(net, probe, tmp / NETWORK_FILES["bounded"]),
+        }
+        timing["export"] = time.perf_counter() - t
+        timing["total"] = time.perf_counter() - t0
+        split = {
+            "seed": cfg.seed, "heldout_fraction": cfg.heldout_fraction,
+            "learn": int(learn.labels.size), "heldout": int(held.labels.size),
+            "learn_per_class": learn.per_class_counts(),
+            "heldout_per_class": held.per_class_counts(),
+            "learn_used": int(x_d.shape[0]), "learn_dropped_misclassified": dropped,
+        }  # fmt: skip
+        null_info = {**null.to_dict(), "n": int(stats.size), "alpha": cfg.alpha,
+                     "threshold": threshold(null, cfg.alpha)}  # fmt: skip
+        null_info.pop("samples", None)
+        bounds = _bound_summary(net, init)
+        report = {
+            "schema_version": 1, "model_name": job.name,
+            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "model": {"source": _describe(job.model), "num_classes": k,
+                      "class_names": list(clean.class_names),
+                      "input_shape": list(clean.images.shape[1:])},
+            "objective": cfg.objective, "config": _flat_config(cfg), "split": split,
+            "heldout": figures, "null": null_info,
+            "clean_statistics": [float(v) for v in stats],
+            "max_margins": {"before": r_before.tolist(), "after": r_after.tolist()},
+            "mmbd": mmbd.to_dict(), "bounds": bounds,
+            "history": mit.history, "iterations": mit.iterations,
+            "final_lambda": mit.final_lambda, "timing_s": timing,
+        }  # fmt: skip
+        manifest = _manifest_fields(job, clean, cfg, null, null_info, report, diffs)
+        write_manifest(tmp, manifest)
+        write_report(report, tmp)
+    return CalibrationOutcome(job.out, report, manifest)
+
+
+def _describe(src: ModelSource) -> str:
+    if src.arch:
+        return f"torchvision:{src.arch} weights={src.weights}"
+    if src.factory:
+        return f"factory:{src.factory} weights={src.weights}"
+    return f"torchscript:{src.torchscript}"
+
+
+def _flat_config(cfg: CalibrationConfig) -> dict[str, Any]:
+    d = cfg.to_dict()
+    schedule = d.pop("schedule")
+    return {**d, **{f"schedule.{k}": v for k, v in schedule.items()}}
+
+
+def _manifest_fields(
+    job: CalibrationJob, clean: CleanSet, cfg: CalibrationConfig, null: Any,
+    null_info: dict[str, Any], report: dict[str, Any], diffs: dict[str, float],
+) -> dict[str, Any]:
+    norm = None
+    if job.mean is not None:
+        norm = {"mean": list(job.mean), "std": list(job.std or ()), "folded_into_graph": True}
+    return {
+        "name": job.name,
+        "created_utc": report["created_utc"],
+        "model_source": report["model"]["source"],
+        "input": {"name": "input", "shape": list(clean.images.shape[1:]), "dtype": "FP32",
+                  "layout": "NCHW", "value_range": [0.0, 1.0], "accepts_uint8": True},
+        "output": {"name": "logits", "shape": [len(clean.class_names)], "dtype": "FP32"},
+        "normalization": norm,
+        "class_names": list(clean.class_names),
+        "objective": cfg.objective,
+        "hyperparameters": cfg.to_dict(),
+        "null": {**null.to_dict(), "n": null_info["n"], "threshold": null_info["threshold"]},
+        "alpha": cfg.alpha,
+        "decision": {
+            "alpha": cfg.alpha, "flag_on_disagreement": cfg.flag_on_disagreement,
+            "statistic": "d = m_c(x) - m_c(x;Z), c = argmax_k g_k(x)",
+            "p_value": "gaussian: 1 - Phi((d - mu)/sigma); empirical: (1 + #{d_i >= d})/(n + 1)",
+            "flag": "p < alpha" + (" or argmax g != argmax g(.;Z)"
+                                   if cfg.flag_on_disagreement else ""),
+            "correction": "argmax_{k != c} g_k(x;Z)",
+        },
+        "bounds": [{k: v for k, v in row.items() if k != "values"} for row in report["bounds"]],
+        "heldout": report["heldout"],
+        "split": report["split"],
+        "mmbd": report["mmbd"],
+        "onnx": {"opset": OPSET, "max_abs_logit_diff": diffs, "tolerance": MAX_ABS_DIFF},
+        "versions": library_versions(),
+    }  # fmt: skip

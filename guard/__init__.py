@@ -1,0 +1,1 @@
+"""Online guard: torch-free MMDF decisions over two ONNX networks, served over gRPC."""

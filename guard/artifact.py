@@ -1,0 +1,119 @@
+"""The calibration artifact as the guard sees it: manifest.json plus two ONNX files, verified.
+
+Calibration writes the manifest with `MANIFEST_SCHEMA_VERSION`; the guard refuses an artifact
+whose schema it does not know or whose files do not match their recorded sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from guard.mmdf import DecisionRule, Null
+
+MANIFEST_SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+NETWORK_FILES = {"original": "original.onnx", "bounded": "bounded.onnx"}
+
+
+class ArtifactError(Exception):
+    """The artifact directory is missing, incomplete, tampered with or of an unknown schema."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    shape: tuple[int, ...]  # per-example shape [C, H, W]; the batch axis is dynamic
+    dtype: str  # "FP32"
+    value_range: tuple[float, float]  # what FP32 pixel inputs must lie in
+    accepts_uint8: bool  # UINT8 pixels 0..255 are accepted and scaled by 1/255
+
+
+@dataclass(frozen=True)
+class Artifact:
+    root: Path
+    manifest: dict[str, Any]
+    name: str
+    original_path: Path
+    bounded_path: Path
+    input: InputSpec
+    output_name: str
+    class_names: tuple[str, ...]
+    null: Null
+    rule: DecisionRule
+
+
+def _require(manifest: dict[str, Any], *keys: str) -> Any:
+    node: Any = manifest
+    for k in keys:
+        if not isinstance(node, dict) or k not in node:
+            raise ArtifactError(f"manifest.json lacks the field {'.'.join(keys)}")
+        node = node[k]
+    return node
+
+
+def load_artifact(root: Path, verify_hashes: bool = True) -> Artifact:
+    """Read and verify an artifact directory; every failure is an ArtifactError naming it."""
+    root = Path(root)
+    mpath = root / MANIFEST_NAME
+    if not mpath.is_file():
+        raise ArtifactError(f"{mpath} does not exist: not a calibration artifact directory")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{mpath} is not valid JSON: {exc}") from None
+    version = _require(manifest, "schema_version")
+    if version != MANIFEST_SCHEMA_VERSION:
+        raise ArtifactError(
+            f"manifest schema_version {version!r} is not supported "
+            f"(this guard reads {MANIFEST_SCHEMA_VERSION})"
+        )
+    paths = {}
+    for role, default in NETWORK_FILES.items():
+        entry = _require(manifest, "files", role)
+        path = root / str(entry.get("path", default))
+        if not path.is_file():
+            raise ArtifactError(f"{role} network file {path} is missing")
+        if verify_hashes and sha256_file(path) != _require(manifest, "files", role, "sha256"):
+            raise ArtifactError(f"{path.name} does not match the sha256 recorded in the manifest")
+        paths[role] = path
+    inp = _require(manifest, "input")
+    try:
+        spec = InputSpec(
+            name=str(inp["name"]),
+            shape=tuple(int(v) for v in inp["shape"]),
+            dtype=str(inp["dtype"]),
+            value_range=(float(inp["value_range"][0]), float(inp["value_range"][1])),
+            accepts_uint8=bool(inp.get("accepts_uint8", False)),
+        )
+        null = Null.from_dict(_require(manifest, "null"))
+        decision = _require(manifest, "decision")
+        rule = DecisionRule(
+            alpha=float(decision["alpha"]),
+            flag_on_disagreement=bool(decision["flag_on_disagreement"]),
+        )
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise ArtifactError(f"manifest.json has a malformed input/null/decision: {exc}") from None
+    return Artifact(
+        root=root,
+        manifest=manifest,
+        name=str(_require(manifest, "name")),
+        original_path=paths["original"],
+        bounded_path=paths["bounded"],
+        input=spec,
+        output_name=str(_require(manifest, "output", "name")),
+        class_names=tuple(str(c) for c in _require(manifest, "class_names")),
+        null=null,
+        rule=rule,
+    )

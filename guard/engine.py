@@ -1,0 +1,71 @@
+"""Both networks of an artifact in onnxruntime, and the MMDF decision over their logits."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from guard.artifact import Artifact
+from guard.mmdf import Decisions, decide
+
+Device = Literal["auto", "cpu", "cuda"]
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+class EngineError(Exception):
+    """The networks could not be loaded on the requested device."""
+
+
+def _gpu_present() -> bool:
+    return Path("/dev/nvidiactl").exists() or bool(os.environ.get("MMGUARD_ASSUME_GPU"))
+
+
+def choose_providers(device: Device, available: list[str]) -> list[str]:
+    """The providers to ask for. onnxruntime-gpu lists CUDA even on a machine without a GPU, so
+    CUDA is asked for only when a GPU device node exists; the provider really used is read back
+    from the session afterwards."""
+    if device == "cpu":
+        return [CPU]
+    cuda_ok = CUDA in available and _gpu_present()
+    if device == "cuda" and not cuda_ok:
+        raise EngineError("device 'cuda' requested but no CUDA GPU is usable by onnxruntime")
+    return [CUDA, CPU] if cuda_ok else [CPU]
+
+
+class GuardEngine:
+    """Runs the original and the bounded network on the same batch and decides with MMDF."""
+
+    def __init__(self, artifact: Artifact, device: Device = "auto", threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        self.artifact = artifact
+        providers = choose_providers(device, ort.get_available_providers())
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads > 0:
+            opts.intra_op_num_threads = threads
+        self._sessions = [
+            ort.InferenceSession(str(p), opts, providers=providers)
+            for p in (artifact.original_path, artifact.bounded_path)
+        ]
+        used = self._sessions[0].get_providers()
+        if device == "cuda" and CUDA not in used:
+            raise EngineError(f"CUDA requested but onnxruntime runs on {used}")
+        self.providers: list[str] = list(used)
+        self.device = "cuda" if CUDA in used else "cpu"
+
+    def logits(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Original and bounded logits for a float32 batch [N, C, H, W] in pixel space."""
+        feed = {self.artifact.input.name: np.ascontiguousarray(x, dtype=np.float32)}
+        out = self.artifact.output_name
+        original = self._sessions[0].run([out], feed)[0]
+        bounded = self._sessions[1].run([out], feed)[0]
+        return original, bounded
+
+    def decide(self, x: np.ndarray) -> Decisions:
+        original, bounded = self.logits(x)
+        return decide(original, bounded, self.artifact.null, self.artifact.rule)

@@ -1,0 +1,179 @@
+"""MMDF: the test-time statistic, its null, p-values and the flag/correct decision (SPEC section 4).
+
+Torch-free on purpose: calibration fits the null with these functions and the server scores every
+request with the same ones, so the statistic has exactly one definition.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from scipy.special import ndtr
+
+NullKind = Literal["gaussian", "empirical"]
+
+
+def masked_margin(logits: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """m_k(x) = g_k(x) - max_{i != k} g_i(x), per row; the max excludes k by masking with -inf.
+
+    logits: [N, K] with K >= 2; k: [N] integer class indices. Returns float64 [N].
+    """
+    g = np.asarray(logits, dtype=np.float64)
+    if g.ndim != 2 or g.shape[1] < 2:
+        raise ValueError(f"logits must be [N, K] with K >= 2, got shape {g.shape}")
+    k = np.asarray(k, dtype=np.int64)
+    if k.shape != (g.shape[0],):
+        raise ValueError(f"class indices must have shape ({g.shape[0]},), got {k.shape}")
+    rows = np.arange(g.shape[0])
+    own = g[rows, k]
+    others = g.copy()
+    others[rows, k] = -np.inf
+    return own - others.max(axis=1)
+
+
+def statistic(original_logits: np.ndarray, bounded_logits: np.ndarray) -> np.ndarray:
+    """d(x) = m_c(x) - m_c(x; Z) with c = argmax_k g_k(x): how much the bounds shrink the margin
+    of the original decision (SPEC 4.2). Returns float64 [N]."""
+    g = np.asarray(original_logits)
+    gz = np.asarray(bounded_logits)
+    if g.shape != gz.shape:
+        raise ValueError(f"logit shapes differ: original {g.shape} vs bounded {gz.shape}")
+    c = np.argmax(g, axis=1)
+    return masked_margin(g, c) - masked_margin(gz, c)
+
+
+@dataclass(frozen=True)
+class Null:
+    """The clean-input distribution of d. `gaussian`: N(mu, sigma^2); `empirical`: the sorted
+    held-out clean statistics, used for a conformal p-value."""
+
+    kind: NullKind
+    mu: float
+    sigma: float
+    samples: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("gaussian", "empirical"):
+            raise ValueError(f"null kind must be 'gaussian' or 'empirical', got {self.kind!r}")
+        if not (math.isfinite(self.mu) and math.isfinite(self.sigma)):
+            raise ValueError(f"null mu and sigma must be finite, got {self.mu}, {self.sigma}")
+        if self.kind == "gaussian" and self.sigma <= 0:
+            raise ValueError(f"gaussian null needs sigma > 0, got {self.sigma}")
+        if self.kind == "empirical" and len(self.samples) == 0:
+            raise ValueError("empirical null needs at least one clean statistic")
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "mu": self.mu, "sigma": self.sigma}
+        out["n"] = len(self.samples)
+        if self.kind == "empirical":
+            out["samples"] = list(self.samples)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Null:
+        samples = tuple(float(s) for s in d.get("samples", ()))
+        return cls(kind=d["kind"], mu=float(d["mu"]), sigma=float(d["sigma"]), samples=samples)
+
+
+def fit_null(clean_stats: np.ndarray, kind: NullKind = "gaussian") -> Null:
+    """Fit the null on clean statistics: mean and (unbiased) standard deviation for both kinds;
+    the empirical kind also keeps the sorted samples."""
+    s = np.asarray(clean_stats, dtype=np.float64).ravel()
+    if s.size < 2:
+        raise ValueError(f"need at least 2 clean statistics to fit a null, got {s.size}")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("clean statistics contain NaN or inf")
+    mu = float(s.mean())
+    sigma = float(s.std(ddof=1))
+    if kind == "gaussian" and sigma <= 0:
+        raise ValueError("clean statistics are all equal: a Gaussian null has zero width")
+    samples = tuple(float(v) for v in np.sort(s)) if kind == "empirical" else ()
+    return Null(kind=kind, mu=mu, sigma=sigma, samples=samples)
+
+
+def p_values(null: Null, d: np.ndarray) -> np.ndarray:
+    """Upper-tail p-values of d under the null.
+
+    gaussian: p = 1 - Phi((d - mu) / sigma)  (SPEC 4.3), computed as Phi(-(d - mu) / sigma) to
+    keep precision in the tail. empirical: p = (1 + #{d_i >= d}) / (n + 1), the conformal p-value.
+    """
+    d = np.asarray(d, dtype=np.float64)
+    if null.kind == "gaussian":
+        return np.asarray(ndtr(-(d - null.mu) / null.sigma), dtype=np.float64)
+    ref = np.asarray(null.samples, dtype=np.float64)
+    n_ge = ref.size - np.searchsorted(ref, d, side="left")
+    return (1.0 + n_ge) / (ref.size + 1.0)
+
+
+def threshold(null: Null, alpha: float) -> float:
+    """The smallest-in-spirit statistic value flagged at level alpha (for reports and dashboards).
+
+    gaussian: mu + sigma * Phi^{-1}(1 - alpha). empirical: the lowest sample value whose
+    conformal p-value is below alpha (inf if no value can reach it).
+    """
+    from scipy.special import ndtri
+
+    if null.kind == "gaussian":
+        return float(null.mu + null.sigma * ndtri(1.0 - alpha))
+    ref = np.sort(np.asarray(null.samples, dtype=np.float64))
+    n = ref.size
+    # p(d) = (1 + #{d_i >= d}) / (n + 1) < alpha  <=>  #{d_i >= d} < alpha (n + 1) - 1
+    max_ge = math.ceil(alpha * (n + 1) - 1) - 1
+    if max_ge < 0:
+        return math.inf
+    if max_ge >= n:
+        return -math.inf
+    # d just above the (n - max_ge)-th smallest sample leaves max_ge samples >= d
+    return float(np.nextafter(ref[n - max_ge - 1], np.inf))
+
+
+@dataclass(frozen=True)
+class DecisionRule:
+    """alpha: flag when p < alpha. flag_on_disagreement: also flag when the two networks'
+    decisions differ (the paper's extra rule; off by default, SPEC 4.4)."""
+
+    alpha: float = 0.005
+    flag_on_disagreement: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.alpha < 1.0:
+            raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
+
+
+@dataclass(frozen=True)
+class Decisions:
+    """Per-input MMDF outcome, arrays of length N."""
+
+    label: np.ndarray  # int64, the guarded decision
+    flagged: np.ndarray  # bool
+    p_value: np.ndarray  # float64
+    statistic: np.ndarray  # float64
+    original_label: np.ndarray  # int64
+    bounded_label: np.ndarray  # int64
+    logits: np.ndarray  # float32 [N, K]: original logits, bounded ones where flagged
+
+
+def decide(
+    original_logits: np.ndarray, bounded_logits: np.ndarray, null: Null, rule: DecisionRule
+) -> Decisions:
+    """SPEC 4.1-4.5: unflagged inputs keep the original decision and logits; flagged ones get
+    argmax_{k != c} g_k(x; Z), the bounded network's best class other than the original one."""
+    g = np.asarray(original_logits, dtype=np.float32)
+    gz = np.asarray(bounded_logits, dtype=np.float32)
+    d = statistic(g, gz)
+    p = p_values(null, d)
+    c = np.argmax(g, axis=1).astype(np.int64)
+    cz = np.argmax(gz, axis=1).astype(np.int64)
+    flagged = p < rule.alpha
+    if rule.flag_on_disagreement:
+        flagged |= c != cz
+    rows = np.arange(g.shape[0])
+    masked = gz.astype(np.float64)
+    masked[rows, c] = -np.inf
+    corrected = np.argmax(masked, axis=1).astype(np.int64)
+    label = np.where(flagged, corrected, c)
+    logits = np.where(flagged[:, None], gz, g).astype(np.float32)
+    return Decisions(label, flagged, p, d, c, cz, logits)

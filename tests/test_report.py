@@ -1,0 +1,198 @@
+"""Tests for the calibration report writer: files, strict JSON, verdict wording, figures."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from calibrate.report import write_report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+CLASS_NAMES = ["airplane", "cat", "dog", "ship"]
+SITES = ["features.1", "features.4", "classifier.1"]
+
+
+def fake_report(suspected: bool = True) -> dict[str, Any]:
+    """A realistic K=4, 3-site, 20-iteration report with one NaN (an unmeasured margin)."""
+    rng = np.random.default_rng(7)
+    k = len(CLASS_NAMES)
+    before = [4.1, 19.7, 5.0, 3.8] if suspected else [4.1, 4.6, 5.0, 3.8]
+    bounds = []
+    for site, kind, channels, init_max in zip(
+        SITES, ["conv", "conv", "linear"], [16, 32, 64], [2.5, 8.0, 300.0], strict=True
+    ):
+        values = rng.uniform(0.0, init_max, channels).round(4).tolist()
+        values[0] = 0.0  # a channel driven to zero must not break the log axis
+        bounds.append(
+            {
+                "site": site,
+                "kind": kind,
+                "channels": channels,
+                "init_mean": init_max / 2,
+                "init_max": init_max,
+                "final_min": min(values),
+                "final_mean": float(np.mean(values)),
+                "final_median": float(np.median(values)),
+                "final_max": max(values),
+                "fraction_reduced": 0.8125,
+                "values": values,
+            }
+        )
+    history = [
+        {
+            "iter": 10 * i,
+            "loss": 5.0 * math.exp(-i / 5) + 0.3,
+            "fidelity": 0.2 + 0.01 * i,
+            "margin": 4.0 * math.exp(-i / 4),
+            "lambda": 0.01 * 1.5**i,
+            "agreement": min(1.0, 0.9 + 0.006 * i),
+        }
+        for i in range(20)
+    ]
+    return {
+        "schema_version": 1,
+        "model_name": "cifar4-badnet",
+        "created_utc": "2025-01-02T03:04:05Z",
+        "model": {
+            "source": "models/cifar4.pt",
+            "num_classes": k,
+            "class_names": list(CLASS_NAMES),
+            "input_shape": [3, 32, 32],
+        },
+        "objective": "mmac",
+        "config": {"lr": 0.01, "iters": 200, "lambda_init": 0.01, "use_amp": False, "x": "a|b"},
+        "split": {
+            "seed": 1234,
+            "heldout_fraction": 0.5,
+            "learn": 400,
+            "heldout": 400,
+            "learn_per_class": [100] * k,
+            "heldout_per_class": [100] * k,
+            "learn_used": 371,
+            "learn_dropped_misclassified": 29,
+        },
+        "heldout": {
+            "accuracy_original": 0.9275,
+            "accuracy_bounded": 0.9125,
+            "accuracy_guarded": 0.9,
+            "agreement": 0.9650,
+            "false_positive_rate": 0.0123,
+            "false_positive_rate_with_disagreement": 0.0456,
+            "fpr_method": "heldout-empirical",
+        },
+        "null": {
+            "kind": "gaussian",
+            "mu": 0.5,
+            "sigma": 0.2,
+            "n": 371,
+            "alpha": 0.01,
+            "threshold": 0.9653,
+        },
+        "clean_statistics": rng.normal(0.5, 0.2, 400).round(5).tolist(),
+        "max_margins": {"before": before, "after": [2.0, 2.2, float("nan"), 1.9]},
+        "mmbd": {
+            "r": before,
+            "target": 1,
+            "p_value": 3.2e-6 if suspected else 0.4123,
+            "suspected": suspected,
+            "alpha": 0.05,
+            "gamma": {"shape": 12.3, "loc": 0.0, "scale": 0.35},
+        },
+        "bounds": bounds,
+        "history": history,
+        "timing_s": {"total": 312.5, "fit": 250.0, "null": 12.25},
+    }
+
+
+def test_writes_all_files(tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    paths = write_report(fake_report(), out)
+    names = {p.name for p in paths}
+    expected = {"report.json", "report.md"} | {
+        f"{n}.png" for n in ("margins", "statistic", "bounds", "history")
+    }
+    assert names == expected
+    assert len(paths) == len(names)
+    assert {p.name for p in out.iterdir()} == expected
+    for path in paths:
+        assert path.parent == out
+        if path.suffix == ".png":
+            data = path.read_bytes()
+            assert data.startswith(PNG_SIGNATURE), path.name
+            assert len(data) > 10_000, path.name
+
+
+def test_json_round_trips_with_nan_as_null(tmp_path: Path) -> None:
+    report = fake_report()
+    original = copy.deepcopy(report)
+    write_report(report, tmp_path)
+    text = (tmp_path / "report.json").read_text(encoding="utf-8")
+    assert "NaN" not in text
+    expected = copy.deepcopy(report)
+    expected["max_margins"]["after"][2] = None
+    assert json.loads(text) == expected
+    assert list(json.loads(text)) == list(report)  # key order kept (sort_keys=False)
+    assert str(report) == str(original)  # the input dict is not modified
+
+
+def test_markdown_content(tmp_path: Path) -> None:
+    write_report(fake_report(), tmp_path)
+    md = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert md.startswith("# MMGuard calibration report: cifar4-badnet")
+    first_paragraph = md.split("\n\n")[1]
+    assert "backdoor suspected, target class cat (p = 3.20e-06)" in first_paragraph
+    assert "1.23%" in md and "4.56%" in md  # FPR without and with disagreement rule
+    assert "heldout-empirical" in md
+    for site in SITES:
+        assert sum(line.startswith(f"| {site} |") for line in md.splitlines()) == 1
+    assert "n/a" in md  # the NaN margin
+    assert "a\\|b" in md  # pipes in config values do not break the table
+    for name in ("margins", "statistic", "bounds", "history"):
+        assert f"]({name}.png)" in md
+
+
+def test_markdown_does_not_list_raw_bound_values(tmp_path: Path) -> None:
+    report = fake_report()
+    write_report(report, tmp_path)
+    md = (tmp_path / "report.md").read_text(encoding="utf-8")
+    raw = report["bounds"][2]["values"]
+    assert sum(str(v) in md for v in raw[1:]) < 3  # at most coincidental matches
+
+
+def test_not_suspected(tmp_path: Path) -> None:
+    write_report(fake_report(suspected=False), tmp_path)
+    md = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "no backdoor detected (p = 0.412)" in md
+    assert "backdoor suspected" not in md
+
+
+def test_empty_history_skips_figure(tmp_path: Path) -> None:
+    report = fake_report()
+    report["history"] = []
+    paths = write_report(report, tmp_path)
+    assert "history.png" not in {p.name for p in paths}
+    assert not (tmp_path / "history.png").exists()
+    assert "history.png" not in (tmp_path / "report.md").read_text(encoding="utf-8")
+
+
+def test_empirical_null_and_empty_lists(tmp_path: Path) -> None:
+    report = fake_report()
+    report["null"]["kind"] = "empirical"
+    report["clean_statistics"] = []
+    report["bounds"][0]["values"] = []
+    paths = write_report(report, tmp_path)
+    assert (tmp_path / "statistic.png") in paths
+
+
+def test_non_json_value_names_key(tmp_path: Path) -> None:
+    report = fake_report()
+    report["bounds"][1]["values"] = np.zeros(3)
+    with pytest.raises(TypeError, match=r"\['bounds'\]\[1\]\['values'\]"):
+        write_report(report, tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing half-written
