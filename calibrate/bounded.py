@@ -33,6 +33,8 @@ class Normalized(nn.Module):
         if any(s <= 0 for s in std):
             raise CalibrationError(f"--std values must be positive, got {list(std)}")
         self.model = model
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
@@ -47,6 +49,7 @@ class ChannelBound(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.bound = nn.Parameter(torch.full((channels,), float("inf")))
+        self.observed_max: torch.Tensor
         self.register_buffer("observed_max", torch.zeros(channels))
         self.recording = False
 

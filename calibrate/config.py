@@ -138,4 +138,3 @@ class CalibrationConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-

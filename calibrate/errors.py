@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 class CalibrationError(Exception):
-    """Bad calibration input (model, data or options). The CLI prints `error: <message>`, exits 2."""
+    """Bad calibration input (model, data or options): the CLI prints one line and exits 2."""
 
     def __init__(self, message: str) -> None:
         if "\n" in message:

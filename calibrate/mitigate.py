@@ -134,13 +134,13 @@ def _descent_step(
         out = net(images[i : i + bs])
         fid = _fidelity(cfg.objective, out, reference[i : i + bs]) / n
         fid.backward()
-        fid_total += float(fid)
+        fid_total += float(fid.detach())
         agree += int((out.detach().argmax(dim=1) == agree_with[i : i + bs]).sum())
     margin_total = 0.0
     for i in range(0, m, bs):
         mar = margins(net(x_max[i : i + bs]), k_max[i : i + bs]).sum() / m
         (lam * mar).backward()
-        margin_total += float(mar)
+        margin_total += float(mar.detach())
     opt.step()
     net.clamp_()
     return {

@@ -56,4 +56,3 @@ def verdict(r: np.ndarray, alpha: float = 0.05) -> Verdict:
     shape, loc, scale = stats.gamma.fit(rest)
     p = max_order_pvalue(float(r[target]), shape, loc, scale, r.size)
     return Verdict(tuple(r.tolist()), target, p, p < alpha, alpha, shape, loc, scale)
-

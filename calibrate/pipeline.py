@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ class CalibrationJob:
     std: tuple[float, ...] | None = None
     min_per_class: int = 10
     image_size: tuple[int, int] | None = None
-    config: CalibrationConfig = CalibrationConfig()
+    config: CalibrationConfig = field(default_factory=CalibrationConfig)
     force: bool = False
     quiet: bool = False
 
@@ -99,8 +99,11 @@ def _learning_set(
 
 
 def _max_margins(
-    net: Callable[[torch.Tensor], torch.Tensor], starts: tuple[torch.Tensor, torch.Tensor],
-    k: int, cfg: CalibrationConfig, progress: Progress,
+    net: Callable[[torch.Tensor], torch.Tensor],
+    starts: tuple[torch.Tensor, torch.Tensor],
+    k: int,
+    cfg: CalibrationConfig,
+    progress: Progress,
 ) -> np.ndarray:
     """r_k: best margin over the MM-BD starts of class k (SPEC 5)."""
     s = cfg.schedule
@@ -113,14 +116,21 @@ def _bound_summary(net: BoundedNetwork, init: list[torch.Tensor]) -> list[dict[s
     rows = []
     for site, b0, b in zip(net.sites, init, net.bounds(), strict=True):
         v = b.detach().double()
-        rows.append({
-            "site": site.follows, "kind": site.kind, "channels": site.channels,
-            "init_mean": float(b0.mean()), "init_max": float(b0.max()),
-            "final_min": float(v.min()), "final_mean": float(v.mean()),
-            "final_median": float(v.median()), "final_max": float(v.max()),
-            "fraction_reduced": float((v < b0.double() - 1e-6).double().mean()),
-            "values": [float(x) for x in v],
-        })  # fmt: skip
+        rows.append(
+            {
+                "site": site.follows,
+                "kind": site.kind,
+                "channels": site.channels,
+                "init_mean": float(b0.mean()),
+                "init_max": float(b0.max()),
+                "final_min": float(v.min()),
+                "final_mean": float(v.mean()),
+                "final_median": float(v.median()),
+                "final_max": float(v.max()),
+                "fraction_reduced": float((v < b0.double() - 1e-6).double().mean()),
+                "values": [float(x) for x in v],
+            }
+        )
     return rows
 
 
@@ -144,9 +154,15 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
 
     with Progress("learning bounds", cfg.schedule.max_iters, job.quiet) as bar:
         mit: MitigationResult = learn_bounds(
-            net, model, x_d, ref, k, per_class, cfg,
+            net,
+            model,
+            x_d,
+            ref,
+            k,
+            per_class,
+            cfg,
             progress=lambda it, row: bar.tick(agree=row["agreement"], lam=row["lambda"]),
-        )  # fmt: skip
+        )
     timing["learn_bounds"] = mit.seconds
 
     t = time.perf_counter()
@@ -178,30 +194,47 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
         timing["export"] = time.perf_counter() - t
         timing["total"] = time.perf_counter() - t0
         split = {
-            "seed": cfg.seed, "heldout_fraction": cfg.heldout_fraction,
-            "learn": int(learn.labels.size), "heldout": int(held.labels.size),
+            "seed": cfg.seed,
+            "heldout_fraction": cfg.heldout_fraction,
+            "learn": int(learn.labels.size),
+            "heldout": int(held.labels.size),
             "learn_per_class": learn.per_class_counts(),
             "heldout_per_class": held.per_class_counts(),
-            "learn_used": int(x_d.shape[0]), "learn_dropped_misclassified": dropped,
-        }  # fmt: skip
-        null_info = {**null.to_dict(), "n": int(stats.size), "alpha": cfg.alpha,
-                     "threshold": threshold(null, cfg.alpha)}  # fmt: skip
+            "learn_used": int(x_d.shape[0]),
+            "learn_dropped_misclassified": dropped,
+        }
+        null_info = {
+            **null.to_dict(),
+            "n": int(stats.size),
+            "alpha": cfg.alpha,
+            "threshold": threshold(null, cfg.alpha),
+        }
         null_info.pop("samples", None)
         bounds = _bound_summary(net, init)
         report = {
-            "schema_version": 1, "model_name": job.name,
+            "schema_version": 1,
+            "model_name": job.name,
             "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "model": {"source": _describe(job.model), "num_classes": k,
-                      "class_names": list(clean.class_names),
-                      "input_shape": list(clean.images.shape[1:])},
-            "objective": cfg.objective, "config": _flat_config(cfg), "split": split,
-            "heldout": figures, "null": null_info,
+            "model": {
+                "source": _describe(job.model),
+                "num_classes": k,
+                "class_names": list(clean.class_names),
+                "input_shape": list(clean.images.shape[1:]),
+            },
+            "objective": cfg.objective,
+            "config": _flat_config(cfg),
+            "split": split,
+            "heldout": figures,
+            "null": null_info,
             "clean_statistics": [float(v) for v in stats],
             "max_margins": {"before": r_before.tolist(), "after": r_after.tolist()},
-            "mmbd": mmbd.to_dict(), "bounds": bounds,
-            "history": mit.history, "iterations": mit.iterations,
-            "final_lambda": mit.final_lambda, "timing_s": timing,
-        }  # fmt: skip
+            "mmbd": mmbd.to_dict(),
+            "bounds": bounds,
+            "history": mit.history,
+            "iterations": mit.iterations,
+            "final_lambda": mit.final_lambda,
+            "timing_s": timing,
+        }
         manifest = _manifest_fields(job, clean, cfg, null, null_info, report, diffs)
         write_manifest(tmp, manifest)
         write_report(report, tmp)
@@ -223,8 +256,13 @@ def _flat_config(cfg: CalibrationConfig) -> dict[str, Any]:
 
 
 def _manifest_fields(
-    job: CalibrationJob, clean: CleanSet, cfg: CalibrationConfig, null: Any,
-    null_info: dict[str, Any], report: dict[str, Any], diffs: dict[str, float],
+    job: CalibrationJob,
+    clean: CleanSet,
+    cfg: CalibrationConfig,
+    null: Any,
+    null_info: dict[str, Any],
+    report: dict[str, Any],
+    diffs: dict[str, float],
 ) -> dict[str, Any]:
     norm = None
     if job.mean is not None:
@@ -233,8 +271,14 @@ def _manifest_fields(
         "name": job.name,
         "created_utc": report["created_utc"],
         "model_source": report["model"]["source"],
-        "input": {"name": "input", "shape": list(clean.images.shape[1:]), "dtype": "FP32",
-                  "layout": "NCHW", "value_range": [0.0, 1.0], "accepts_uint8": True},
+        "input": {
+            "name": "input",
+            "shape": list(clean.images.shape[1:]),
+            "dtype": "FP32",
+            "layout": "NCHW",
+            "value_range": [0.0, 1.0],
+            "accepts_uint8": True,
+        },
         "output": {"name": "logits", "shape": [len(clean.class_names)], "dtype": "FP32"},
         "normalization": norm,
         "class_names": list(clean.class_names),
@@ -243,11 +287,12 @@ def _manifest_fields(
         "null": {**null.to_dict(), "n": null_info["n"], "threshold": null_info["threshold"]},
         "alpha": cfg.alpha,
         "decision": {
-            "alpha": cfg.alpha, "flag_on_disagreement": cfg.flag_on_disagreement,
+            "alpha": cfg.alpha,
+            "flag_on_disagreement": cfg.flag_on_disagreement,
             "statistic": "d = m_c(x) - m_c(x;Z), c = argmax_k g_k(x)",
             "p_value": "gaussian: 1 - Phi((d - mu)/sigma); empirical: (1 + #{d_i >= d})/(n + 1)",
-            "flag": "p < alpha" + (" or argmax g != argmax g(.;Z)"
-                                   if cfg.flag_on_disagreement else ""),
+            "flag": "p < alpha"
+            + (" or argmax g != argmax g(.;Z)" if cfg.flag_on_disagreement else ""),
             "correction": "argmax_{k != c} g_k(x;Z)",
         },
         "bounds": [{k: v for k, v in row.items() if k != "values"} for row in report["bounds"]],
@@ -256,4 +301,4 @@ def _manifest_fields(
         "mmbd": report["mmbd"],
         "onnx": {"opset": OPSET, "max_abs_logit_diff": diffs, "tolerance": MAX_ABS_DIFF},
         "versions": library_versions(),
-    }  # fmt: skip
+    }

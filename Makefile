@@ -1,0 +1,36 @@
+# The README's two commands: `make demo` and `make test`. Both create .venv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mmguard-installed
+DATA ?= ../shared/data/cifar10_jpg.tar.xz
+
+.PHONY: demo test lint format bench-calibration clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[calibrate,dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/mmguard calibrate --factory calibrate.synthetic:small_cnn \
+		--weights calibrate/examples/tiny/model.pt --data calibrate/examples/tiny/clean.npz \
+		--out runs/tiny-demo --name tiny-demo --force
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench-calibration: $(STAMP)
+	$(PY) -m benchmarks.calibration --data $(DATA)
+
+clean:
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,213 @@
+"""`mmguard calibrate`: a thin argparse front-end over `calibrate.pipeline.run_calibration`.
+
+Parsing imports no torch; the pipeline is imported only when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+from calibrate.config import REFERENCE_SCHEDULE, CalibrationConfig, ScheduleConfig
+from calibrate.errors import CalibrationError
+
+_SCHEDULE_FLAGS: dict[str, type] = {
+    "mm_source": str,
+    "max_iters": int,
+    "min_iters": int,
+    "loss_rel_tol": float,
+    "cold_ascent_steps": int,
+    "warm_ascent_steps": int,
+    "redraw_every": int,
+    "ascent_optimizer": str,
+    "ascent_lr": float,
+    "bound_lr": float,
+    "lambda_init": float,
+    "lambda_warmup": int,
+    "lambda_every": int,
+    "lambda_factor": float,
+}
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        parts = [int(v) for v in text.lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or HxW, got {text!r}") from None
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"expected N or HxW, got {text!r}")
+    return parts[0], parts[1]
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "calibrate",
+        help="learn activation bounds, fit the MMDF null, run MM-BD, export a verified artifact",
+        description="Calibrate an untrusted classifier on a small clean labelled set and write a "
+        "deployable artifact (original.onnx, bounded.onnx, manifest.json) plus a report.",
+    )
+    src = p.add_argument_group("model (exactly one of --arch, --torchscript, --factory)")
+    g = src.add_mutually_exclusive_group(required=True)
+    g.add_argument("--arch", help="torchvision classification architecture, e.g. resnet18")
+    g.add_argument("--torchscript", type=Path, help="a TorchScript file (torch.jit.save)")
+    g.add_argument("--factory", help="package.module:callable returning an nn.Module")
+    src.add_argument("--weights", type=Path, help="state_dict file for --arch or --factory")
+    src.add_argument(
+        "--mean", type=_floats, help="input normalisation mean, e.g. 0.485,0.456,0.406"
+    )
+    src.add_argument("--std", type=_floats, help="input normalisation std (with --mean)")
+    data = p.add_argument_group("clean data")
+    data.add_argument("--data", type=Path, required=True, help="ImageFolder dir or .npz file")
+    data.add_argument("--min-per-class", type=int, default=10, help="fewest images per class")
+    data.add_argument("--image-size", type=_size, help="resize images to N or HxW")
+    out = p.add_argument_group("output")
+    out.add_argument("--out", type=Path, required=True, help="artifact directory to create")
+    out.add_argument("--name", help="model name the guard serves it under (default: --out name)")
+    out.add_argument("--force", action="store_true", help="replace an existing --out")
+    out.add_argument("--quiet", action="store_true", help="no progress bars")
+    out.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    _add_method_flags(p)
+    return p
+
+
+def _add_method_flags(p: argparse.ArgumentParser) -> None:
+    d = CalibrationConfig()
+    m = p.add_argument_group("method (defaults in SPEC.md; all recorded in the manifest)")
+    m.add_argument("--objective", choices=["mmac", "mmom"], default=d.objective)
+    m.add_argument(
+        "--schedule",
+        choices=["default", "reference"],
+        default="default",
+        help="preset: this project's fast schedule or SPEC section 2's reference",
+    )
+    for name, kind in _SCHEDULE_FLAGS.items():
+        m.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=kind,
+            default=None,
+            help=f"schedule override (default schedule: {getattr(ScheduleConfig(), name)})",
+        )
+    m.add_argument(
+        "--bound-lr-absolute",
+        action="store_true",
+        help="bound learning rate in activation units, not relative to each layer",
+    )
+    m.add_argument("--bound-init", default=d.bound_init, help="'max' or a positive constant")
+    m.add_argument("--target-agreement", type=float, default=d.target_agreement)
+    m.add_argument(
+        "--starts-per-class",
+        type=int,
+        default=d.starts_per_class,
+        help="J ascent starts per class (0: clean learning images per class)",
+    )
+    m.add_argument(
+        "--keep-misclassified",
+        action="store_true",
+        help="MMAC: keep clean images the model gets wrong (default: drop them)",
+    )
+    m.add_argument("--heldout-fraction", type=float, default=d.heldout_fraction)
+    m.add_argument("--null", choices=["gaussian", "empirical"], default=d.null)
+    m.add_argument("--alpha", type=float, default=d.alpha, help="flag when p < alpha")
+    m.add_argument("--flag-on-disagreement", action="store_true")
+    m.add_argument("--mmbd-starts", type=int, default=d.mmbd_starts)
+    m.add_argument("--mmbd-steps", type=int, default=d.mmbd_steps)
+    m.add_argument("--batch-size", type=int, default=d.batch_size)
+    m.add_argument("--seed", type=int, default=d.seed)
+
+
+def config_from_args(args: argparse.Namespace) -> CalibrationConfig:
+    schedule = REFERENCE_SCHEDULE if args.schedule == "reference" else ScheduleConfig()
+    overrides: dict[str, Any] = {
+        k: getattr(args, k) for k in _SCHEDULE_FLAGS if getattr(args, k) is not None
+    }
+    if args.bound_lr_absolute:
+        overrides["bound_lr_relative"] = False
+    schedule = dataclasses.replace(schedule, **overrides)
+    return CalibrationConfig(
+        objective=args.objective,
+        schedule=schedule,
+        bound_init=args.bound_init,
+        target_agreement=args.target_agreement,
+        starts_per_class=args.starts_per_class,
+        correct_only=not args.keep_misclassified,
+        heldout_fraction=args.heldout_fraction,
+        null=args.null,
+        alpha=args.alpha,
+        flag_on_disagreement=args.flag_on_disagreement,
+        mmbd_starts=args.mmbd_starts,
+        mmbd_steps=args.mmbd_steps,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Returns the exit status; bad input is one line on stderr and status 2."""
+    try:
+        cfg = config_from_args(args)
+        from calibrate.modelsrc import ModelSource
+        from calibrate.pipeline import CalibrationJob, run_calibration
+
+        if args.threads > 0:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        job = CalibrationJob(
+            model=ModelSource(
+                arch=args.arch,
+                weights=args.weights,
+                torchscript=args.torchscript,
+                factory=args.factory,
+            ),
+            data=args.data,
+            out=args.out,
+            name=args.name or args.out.resolve().name,
+            mean=args.mean,
+            std=args.std,
+            min_per_class=args.min_per_class,
+            image_size=args.image_size,
+            config=cfg,
+            force=args.force,
+            quiet=args.quiet,
+        )
+        outcome = run_calibration(job)
+    except CalibrationError as exc:
+        print(f"mmguard calibrate: error: {exc}", file=sys.stderr)
+        return 2
+    print(summary(outcome.report, outcome.out))
+    return 0
+
+
+def summary(report: dict[str, Any], out: Path) -> str:
+    h, mmbd = report["heldout"], report["mmbd"]
+    names = report["model"]["class_names"]
+    verdict = (
+        f"backdoor suspected, target class {names[mmbd['target']]} (p = {mmbd['p_value']:.3g})"
+        if mmbd["suspected"]
+        else f"no backdoor detected (p = {mmbd['p_value']:.3g})"
+    )
+    return "\n".join(
+        [
+            f"wrote {out} ({report['iterations']} iterations, {report['timing_s']['total']:.1f} s)",
+            f"  MM-BD: {verdict}",
+            f"  held-out clean: accuracy {h['accuracy_original']:.2%} original, "
+            f"{h['accuracy_guarded']:.2%} guarded; bounded agrees on {h['agreement']:.2%}; "
+            f"false-positive rate {h['false_positive_rate']:.2%} "
+            f"at alpha {report['null']['alpha']}",
+            f"  report: {out / 'report.md'}",
+        ]
+    )

@@ -1,0 +1,159 @@
+"""`mmguard calibrate` on bad input: one line naming the problem, exit 2, nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tests.helpers import run_cli
+
+TINY = Path(__file__).resolve().parents[1] / "calibrate" / "examples" / "tiny"
+
+
+class NanNet(nn.Module):
+    """Four-class logits that are all NaN."""
+
+    def __init__(self, num_classes: int = 4) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3 * 16 * 16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc(x.flatten(1))) * float("nan")
+
+
+def nan_net(num_classes: int = 4) -> NanNet:
+    return NanNet(num_classes)
+
+
+def _tiny_args(out: Path, *extra: str) -> list[str]:
+    return [
+        "calibrate",
+        "--factory",
+        "calibrate.synthetic:small_cnn",
+        "--weights",
+        str(TINY / "model.pt"),
+        "--data",
+        str(TINY / "clean.npz"),
+        "--out",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
+
+
+def _assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    assert code == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def _nothing_written(parent: Path, out: Path) -> None:
+    assert not out.exists()
+    assert not [p.name for p in parent.iterdir() if p.name.startswith(".")]
+
+
+def test_unknown_architecture(tmp_path: Path) -> None:
+    out = tmp_path / "art"
+    code, _, err = run_cli(
+        [
+            "calibrate",
+            "--arch",
+            "resnet181",
+            "--weights",
+            str(TINY / "model.pt"),
+            "--data",
+            str(TINY / "clean.npz"),
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+    _assert_one_line_error(code, err, "resnet181", "resnet18")
+    _nothing_written(tmp_path, out)
+
+
+def test_wrong_number_of_classes(tmp_path: Path) -> None:
+    c = np.load(TINY / "clean.npz")
+    keep = c["labels"] < 3  # three classes of data for a four-class model
+    np.savez(tmp_path / "three.npz", images=c["images"][keep], labels=c["labels"][keep])
+    out = tmp_path / "art"
+    args = _tiny_args(out)
+    args[args.index("--data") + 1] = str(tmp_path / "three.npz")
+    code, _, err = run_cli(args)
+    _assert_one_line_error(code, err)
+    assert "class" in err and ("4" in err or "3" in err)
+    _nothing_written(tmp_path, out)
+
+
+def test_corrupted_image(tmp_path: Path) -> None:
+    from PIL import Image
+
+    data = tmp_path / "folder"
+    c = np.load(TINY / "clean.npz")
+    names = [str(n) for n in c["class_names"]]
+    for i, (img, lab) in enumerate(zip(c["images"], c["labels"], strict=True)):
+        (data / names[lab]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(data / names[lab] / f"{i:03d}.png")
+    (data / names[1] / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = tmp_path / "art"
+    args = _tiny_args(out)
+    args[args.index("--data") + 1] = str(data)
+    code, _, err = run_cli(args)
+    _assert_one_line_error(code, err, "broken.png")
+    _nothing_written(tmp_path, out)
+
+
+def test_nan_logits(tmp_path: Path) -> None:
+    torch.save(NanNet().state_dict(), tmp_path / "nan.pt")
+    out = tmp_path / "art"
+    args = _tiny_args(out)
+    args[args.index("--factory") + 1] = "tests.test_cli:nan_net"
+    args[args.index("--weights") + 1] = str(tmp_path / "nan.pt")
+    code, _, err = run_cli(args)
+    _assert_one_line_error(code, err, "NaN")
+    _nothing_written(tmp_path, out)
+
+
+def test_existing_output_needs_force(tmp_path: Path) -> None:
+    out = tmp_path / "art"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = run_cli(_tiny_args(out))
+    _assert_one_line_error(code, err, "already exists", "--force")
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "fragment"),
+    [
+        ("--alpha", "1.5", "alpha"),
+        ("--heldout-fraction", "0", "heldout_fraction"),
+        ("--bound-init", "large", "bound_init"),
+        ("--max-iters", "0", "max_iters"),
+    ],
+)
+def test_bad_option_values(tmp_path: Path, flag: str, value: str, fragment: str) -> None:
+    out = tmp_path / "art"
+    code, _, err = run_cli(_tiny_args(out, flag, value))
+    _assert_one_line_error(code, err, fragment)
+    _nothing_written(tmp_path, out)
+
+
+def test_weights_are_required_for_a_factory(tmp_path: Path) -> None:
+    args = _tiny_args(tmp_path / "art")
+    i = args.index("--weights")
+    del args[i : i + 2]
+    code, _, err = run_cli(args)
+    _assert_one_line_error(code, err, "weights")
+
+
+def test_mean_without_std(tmp_path: Path) -> None:
+    code, _, err = run_cli(_tiny_args(tmp_path / "art", "--mean", "0.5,0.5,0.5"))
+    _assert_one_line_error(code, err, "--std")
