@@ -38,6 +38,13 @@ class AscentSettings:
             raise ValueError(f"ascent optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
 
 
+def ascent_optimizer(x: torch.Tensor, settings: AscentSettings) -> torch.optim.Optimizer:
+    """Adam or plain gradient ascent on the points x (a leaf tensor)."""
+    if settings.optimizer == "adam":
+        return torch.optim.Adam([x], lr=settings.lr, maximize=True)
+    return torch.optim.SGD([x], lr=settings.lr, maximize=True)
+
+
 def random_starts(
     num_classes: int, per_class: int, chw: tuple[int, ...], generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,11 +65,7 @@ def maximize_margins(
     BatchNorm is in eval mode), clamping to [0,1] after each step. Returns the points and their
     final margins."""
     x = x0.detach().clone().requires_grad_(True)
-    opt: torch.optim.Optimizer
-    if settings.optimizer == "adam":
-        opt = torch.optim.Adam([x], lr=settings.lr, maximize=True)
-    else:
-        opt = torch.optim.SGD([x], lr=settings.lr, maximize=True)
+    opt = ascent_optimizer(x, settings)
     previous = None
     for _ in range(settings.steps):
         opt.zero_grad(set_to_none=True)

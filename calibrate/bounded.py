@@ -18,7 +18,14 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from calibrate.errors import CalibrationError
 
-_RELU_FUNCTIONS = {F.relu, F.relu6, torch.relu, torch.relu_, F.relu_}
+_aten = torch.ops.aten
+_RELU_FUNCTIONS = {
+    F.relu, F.relu6, torch.relu, torch.relu_, F.relu_,
+    # rebuilt TorchScript models (calibrate.scripted) call aten operators directly
+    _aten.relu.default, _aten.relu_.default, _aten.relu6.default,
+}  # fmt: skip
+# hardtanh(x, 0, 6) is how ReLU6 reaches aten
+_HARDTANH = {F.hardtanh, _aten.hardtanh.default, _aten.hardtanh_.default}
 _RELU_METHODS = {"relu", "relu_"}
 _RELU_MODULES = (nn.ReLU, nn.ReLU6)
 
@@ -73,12 +80,37 @@ class BoundSite:
 
 def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_function":
+        if node.target in _HARDTANH:
+            low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
+            return isinstance(low, int | float) and low == 0
         return node.target in _RELU_FUNCTIONS
     if node.op == "call_method":
         return node.target in _RELU_METHODS
     if node.op == "call_module":
         return isinstance(modules.get(str(node.target)), _RELU_MODULES)
     return False
+
+
+def _is_inplace(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return bool(getattr(modules.get(str(node.target)), "inplace", False))
+    if node.op == "call_method":
+        return node.target == "relu_"
+    if node.target in (torch.relu_, F.relu_, _aten.relu_.default, _aten.hardtanh_.default):
+        return True
+    return bool(node.kwargs.get("inplace", False)) or (len(node.args) > 1 and node.args[1] is True)
+
+
+def _redirect_later_uses(graph: fx.Graph, node: fx.Node, bounded: fx.Node) -> None:
+    """An in-place ReLU also changed its input tensor: readers of that input after the ReLU saw
+    the activation, so they must see the bounded activation too."""
+    src = node.args[0]
+    if not isinstance(src, fx.Node):
+        return
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for user in list(src.users):
+        if user is not node and order[user] > order[bounded]:
+            user.replace_input_with(src, bounded)
 
 
 def _trace(model: nn.Module, sample: torch.Tensor) -> fx.GraphModule:
@@ -115,6 +147,12 @@ class BoundedNetwork(nn.Module):
             with gm.graph.inserting_after(node):
                 bounded = gm.graph.call_module(name, (node,))
             node.replace_all_uses_with(bounded, delete_user_cb=lambda u, b=bounded: u is not b)
+            if _is_inplace(node, modules):
+                _redirect_later_uses(gm.graph, node, bounded)
+            if not bounded.users:  # a dead activation: nothing to bound
+                gm.graph.erase_node(bounded)
+                gm.delete_submodule(name)
+                continue
             kind = {4: "conv", 2: "linear"}.get(len(meta.shape), "other")
             sites.append(BoundSite(name, node.name, kind, int(meta.shape[1])))
         if not sites:

@@ -11,7 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calibrate.ascent import AscentSettings, margins, maximize_margins, random_starts
+from calibrate.ascent import (
+    AscentSettings,
+    ascent_optimizer,
+    margins,
+    maximize_margins,
+    random_starts,
+)
 from calibrate.bounded import BoundedNetwork
 from calibrate.config import CalibrationConfig
 from calibrate.schedule import LambdaController, converged
@@ -70,7 +76,13 @@ def learn_bounds(
     gen = torch.Generator().manual_seed(cfg.seed)
     chw = tuple(images.shape[1:])
     cold = AscentSettings(sched.cold_ascent_steps, sched.ascent_lr, sched.ascent_optimizer)
-    warm = AscentSettings(sched.warm_ascent_steps, sched.ascent_lr, sched.ascent_optimizer)
+    # With maxima from the bounded network, one ascent step per iteration rides on the descent
+    # step's own forward/backward pass (the margin term's gradient with respect to the maxima),
+    # so it costs nothing extra; further warm steps run before it with Z fixed.
+    fused = sched.mm_source == "bounded" and sched.warm_ascent_steps >= 1
+    warm = AscentSettings(
+        max(sched.warm_ascent_steps - 1, 0), sched.ascent_lr, sched.ascent_optimizer
+    )
     source: Callable[[torch.Tensor], torch.Tensor] = (
         net if sched.mm_source == "bounded" else original
     )
@@ -91,14 +103,23 @@ def learn_bounds(
     result = MitigationResult()
     x_max, k_max = random_starts(num_classes, per_class, chw, gen)
     x_max, _ = maximize_margins(source, x_max, k_max, cold)
+    x_max.requires_grad_(fused)
+    opt_x = ascent_optimizer(x_max, warm) if fused else None
     previous = float("nan")
     for it in range(1, sched.max_iters + 1):
-        if sched.mm_source == "bounded":
-            x_max, _ = maximize_margins(net, x_max, k_max, warm)
-        elif (it - 1) % sched.redraw_every == 0 and it > 1:
+        if sched.mm_source == "bounded" and warm.steps:
+            with torch.no_grad():
+                x_max.copy_(maximize_margins(net, x_max, k_max, warm)[0])
+        elif sched.mm_source == "original" and (it - 1) % sched.redraw_every == 0 and it > 1:
             x_max, k_max = random_starts(num_classes, per_class, chw, gen)
             x_max, _ = maximize_margins(original, x_max, k_max, cold)
+        if opt_x is not None:
+            opt_x.zero_grad(set_to_none=True)
         row = _descent_step(net, opt, images, reference, agree_with, x_max, k_max, lam.lam, cfg)
+        if opt_x is not None:
+            opt_x.step()  # ascent on the maxima from the same pass, Z as it was
+            with torch.no_grad():
+                x_max.clamp_(0.0, 1.0)
         row["iter"] = it
         result.history.append(row)
         lam.update(it, row["agreement"])
@@ -107,7 +128,7 @@ def learn_bounds(
         if it >= sched.min_iters and converged(previous, row["loss"], sched.loss_rel_tol):
             break
         previous = row["loss"]
-    result.maxima, result.maxima_targets = x_max, k_max
+    result.maxima, result.maxima_targets = x_max.detach(), k_max
     result.iterations = len(result.history)
     result.final_lambda = lam.lam
     result.seconds = time.perf_counter() - started

@@ -3,6 +3,7 @@ verify, report, and move the finished artifact into place."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from calibrate.mmbd import verdict
 from calibrate.modelsrc import ModelSource, count_output_classes, load_model
 from calibrate.progress import Progress
 from calibrate.report import write_report
+from calibrate.scripted import script_to_fx
 from guard.artifact import NETWORK_FILES
 from guard.mmdf import fit_null, statistic, threshold
 
@@ -57,6 +59,8 @@ def _prepare_model(job: CalibrationJob, clean: CleanSet) -> nn.Module:
     k = len(clean.class_names)
     chw = tuple(int(v) for v in clean.images.shape[1:])
     model = load_model(job.model, k)
+    if isinstance(model, torch.jit.ScriptModule):
+        model = script_to_fx(model, torch.from_numpy(clean.images[:2]))
     if (job.mean is None) != (job.std is None):
         raise CalibrationError("give both --mean and --std, or neither")
     if job.mean is not None and job.std is not None:
@@ -83,6 +87,16 @@ def _check_finite(logits: torch.Tensor, what: str) -> None:
         raise CalibrationError(f"the model produces NaN/inf logits on {what} image #{int(bad[0])}")
 
 
+def _check_null_size(cfg: CalibrationConfig, n_heldout: int) -> None:
+    """An empirical null's smallest p-value is 1/(n+1): refuse one that can never flag."""
+    if cfg.null == "empirical" and (n_heldout + 1) * cfg.alpha <= 1:
+        raise CalibrationError(
+            f"an empirical null from {n_heldout} held-out images cannot give p < {cfg.alpha} "
+            f"(its smallest p-value is 1/{n_heldout + 1}); use more clean images, a larger "
+            "--heldout-fraction, or --null gaussian"
+        )
+
+
 def _learning_set(
     cfg: CalibrationConfig, learn: CleanSet, logits: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -102,14 +116,17 @@ def _max_margins(
     net: Callable[[torch.Tensor], torch.Tensor],
     starts: tuple[torch.Tensor, torch.Tensor],
     k: int,
+    steps: int,
     cfg: CalibrationConfig,
     progress: Progress,
-) -> np.ndarray:
-    """r_k: best margin over the MM-BD starts of class k (SPEC 5)."""
+) -> tuple[np.ndarray, torch.Tensor]:
+    """r_k: the best margin over the starts of class k after at most `steps` ascent steps,
+    stopping when the summed margin changes by less than 1e-5 relatively (SPEC 5). Also returns
+    the final points."""
     s = cfg.schedule
-    settings = AscentSettings(cfg.mmbd_steps, s.ascent_lr, s.ascent_optimizer, rel_tol=1e-5)
-    _, m = maximize_margins(net, starts[0], starts[1], settings, on_step=progress.tick)
-    return m.view(k, -1).amax(dim=1).numpy().astype(np.float64)
+    settings = AscentSettings(steps, s.ascent_lr, s.ascent_optimizer, rel_tol=1e-5)
+    x, m = maximize_margins(net, starts[0], starts[1], settings, on_step=progress.tick)
+    return m.view(k, -1).amax(dim=1).numpy().astype(np.float64), x
 
 
 def _bound_summary(net: BoundedNetwork, init: list[torch.Tensor]) -> list[dict[str, Any]]:
@@ -142,6 +159,7 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
     k = len(clean.class_names)
     model = _prepare_model(job, clean)
     learn, held = split_clean_set(clean, cfg.heldout_fraction, cfg.seed)
+    _check_null_size(cfg, int(held.labels.size))
     x_learn = torch.from_numpy(learn.images)
     learn_logits = _logits(model, x_learn, cfg.batch_size)
     _check_finite(learn_logits, "learning")
@@ -178,9 +196,11 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
     t = time.perf_counter()
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     starts = random_starts(k, cfg.mmbd_starts, tuple(x_held.shape[1:]), gen)
-    with Progress("MM-BD max margins", 2 * cfg.mmbd_steps, job.quiet) as bar:
-        r_before = _max_margins(model, starts, k, cfg, bar)
-        r_after = _max_margins(net, starts, k, cfg, bar)
+    after_steps = max(cfg.mmbd_steps // 3, 1)
+    with Progress("MM-BD max margins", cfg.mmbd_steps + after_steps, job.quiet) as bar:
+        r_before, x_before = _max_margins(model, starts, k, cfg.mmbd_steps, cfg, bar)
+        # the report's "after": the bounded network's maxima, ascended from the original's
+        r_after, _ = _max_margins(net, (x_before, starts[1]), k, after_steps, cfg, bar)
     mmbd = verdict(r_before, cfg.mmbd_alpha)
     timing["mmbd"] = time.perf_counter() - t
 
@@ -207,7 +227,7 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
             **null.to_dict(),
             "n": int(stats.size),
             "alpha": cfg.alpha,
-            "threshold": threshold(null, cfg.alpha),
+            "threshold": _finite_or_none(threshold(null, cfg.alpha)),
         }
         null_info.pop("samples", None)
         bounds = _bound_summary(net, init)
@@ -239,6 +259,10 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
         write_manifest(tmp, manifest)
         write_report(report, tmp)
     return CalibrationOutcome(job.out, report, manifest)
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 def _describe(src: ModelSource) -> str:

@@ -82,6 +82,8 @@ def load_artifact(root: Path, verify_hashes: bool = True) -> Artifact:
     paths = {}
     for role, default in NETWORK_FILES.items():
         entry = _require(manifest, "files", role)
+        if not isinstance(entry, dict):
+            raise ArtifactError(f"manifest.json files.{role} must be an object with path/sha256")
         path = root / str(entry.get("path", default))
         if not path.is_file():
             raise ArtifactError(f"{role} network file {path} is missing")
@@ -103,7 +105,7 @@ def load_artifact(root: Path, verify_hashes: bool = True) -> Artifact:
             alpha=float(decision["alpha"]),
             flag_on_disagreement=bool(decision["flag_on_disagreement"]),
         )
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
         raise ArtifactError(f"manifest.json has a malformed input/null/decision: {exc}") from None
     return Artifact(
         root=root,

@@ -64,6 +64,8 @@ class Null:
             raise ValueError(f"gaussian null needs sigma > 0, got {self.sigma}")
         if self.kind == "empirical" and len(self.samples) == 0:
             raise ValueError("empirical null needs at least one clean statistic")
+        # p_values() binary-searches the samples: keep them sorted whatever the source
+        object.__setattr__(self, "samples", tuple(sorted(float(v) for v in self.samples)))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind, "mu": self.mu, "sigma": self.sigma}
@@ -118,16 +120,21 @@ def threshold(null: Null, alpha: float) -> float:
 
     if null.kind == "gaussian":
         return float(null.mu + null.sigma * ndtri(1.0 - alpha))
-    ref = np.sort(np.asarray(null.samples, dtype=np.float64))
+    ref = np.asarray(null.samples, dtype=np.float64)
     n = ref.size
-    # p(d) = (1 + #{d_i >= d}) / (n + 1) < alpha  <=>  #{d_i >= d} < alpha (n + 1) - 1
-    max_ge = math.ceil(alpha * (n + 1) - 1) - 1
-    if max_ge < 0:
+    # largest m = #{d_i >= d} with (1 + m) / (n + 1) < alpha, found with the very division
+    # p_values() performs, so the threshold agrees with it exactly
+    m = max(math.ceil(alpha * (n + 1)) - 2, -1)
+    while m + 1 <= n and (1.0 + (m + 1)) / (n + 1.0) < alpha:
+        m += 1
+    while m >= 0 and (1.0 + m) / (n + 1.0) >= alpha:
+        m -= 1
+    if m < 0:
         return math.inf
-    if max_ge >= n:
+    if m >= n:
         return -math.inf
-    # d just above the (n - max_ge)-th smallest sample leaves max_ge samples >= d
-    return float(np.nextafter(ref[n - max_ge - 1], np.inf))
+    # d just above the (n - m)-th smallest sample leaves m samples >= d
+    return float(np.nextafter(ref[n - m - 1], np.inf))
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ def calibrated(tmp_path_factory: pytest.TempPathFactory) -> dict:
     toy = train_backdoored_toy(seed=3)
     assert toy.clean_acc >= 0.97 and toy.attack_success >= 0.95
     torch.save(toy.model.state_dict(), root / "model.pt")
-    x, y = make_dataset(30, seed=101)
+    x, y = make_dataset(50, seed=101)
     images = np.round(x.transpose(0, 2, 3, 1) * 255).astype(np.uint8)
     np.savez(root / "clean.npz", images=images, labels=y)
     code, out, err = run_cli(
