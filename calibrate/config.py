@@ -33,7 +33,8 @@ class ScheduleConfig:
     min_iters: int = 50
     # stop when |loss_t - loss_{t-1}| <= loss_rel_tol * |loss_{t-1}| (0: run max_iters)
     loss_rel_tol: float = 1e-3
-    # ascent steps from the uniform random starts before the first iteration
+    # ascent steps from uniform random starts for a fresh draw of maxima (the pipeline seeds
+    # mm_source=bounded with the MM-BD maxima instead)
     cold_ascent_steps: int = 40
     # mm_source=bounded: ascent steps per iteration, warm-started from the previous maxima
     warm_ascent_steps: int = 1

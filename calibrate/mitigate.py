@@ -65,11 +65,13 @@ def learn_bounds(
     per_class: int,
     cfg: CalibrationConfig,
     progress: Callable[[int, dict[str, float]], None] | None = None,
+    initial_maxima: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> MitigationResult:
     """Optimise the bounds in place.
 
     images: the clean learning set D in [0,1]; reference: its original logits (MMAC) or its
-    true labels (MMOM). per_class: J, the ascent starts per class.
+    true labels (MMOM). per_class: J, the ascent starts per class. initial_maxima: K x J
+    points already ascended (class-major), used instead of the cold ascent.
     """
     sched = cfg.schedule
     started = time.perf_counter()
@@ -101,8 +103,11 @@ def learn_bounds(
         with torch.no_grad():
             agree_with = _chunked_logits(original, images, cfg.batch_size).argmax(dim=1)
     result = MitigationResult()
-    x_max, k_max = random_starts(num_classes, per_class, chw, gen)
-    x_max, _ = maximize_margins(source, x_max, k_max, cold)
+    if initial_maxima is not None:  # already ascended (warm start)
+        x_max, k_max = initial_maxima[0].detach().clone(), initial_maxima[1]
+    else:
+        x_max, k_max = random_starts(num_classes, per_class, chw, gen)
+        x_max, _ = maximize_margins(source, x_max, k_max, cold)
     x_max.requires_grad_(fused)
     opt_x = ascent_optimizer(x_max, warm) if fused else None
     previous = float("nan")

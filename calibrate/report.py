@@ -387,7 +387,7 @@ def _margins_figure(report: Mapping[str, Any]) -> Figure:
     b, a = _array(mm.get("before")), _array(mm.get("after"))
     before[: b.size], after[: a.size] = b[:k], a[:k]
 
-    fig = Figure(figsize=(min(16.0, max(6.0, 0.45 * k + 2.0)), 4.5), layout="constrained")
+    fig = Figure(figsize=(min(16.0, max(7.5, 0.45 * k + 2.0)), 4.5), layout="constrained")
     ax = fig.subplots()
     x = np.arange(k)
     ax.bar(x - 0.2, before, width=0.4, color=_BEFORE_COLOR, label="original network")
@@ -420,7 +420,7 @@ def _margins_figure(report: Mapping[str, Any]) -> Figure:
     ax.margins(y=0.12)
     ax.legend(loc="best", fontsize=8)
     color = _ALERT_COLOR if mmbd.get("suspected") else "black"
-    ax.set_title(f"MM-BD: {_verdict(report)}", color=color)
+    ax.set_title(f"MM-BD: {_verdict(report)}", color=color, fontsize=10, wrap=True)
     return fig
 
 

@@ -179,3 +179,26 @@ def test_torchscript_model_calibrates_end_to_end(tmp_path: Path) -> None:
     assert len(manifest["bounds"]) == 4
     assert max(manifest["onnx"]["max_abs_logit_diff"].values()) <= 1e-4
     assert "wrote" in stdout
+
+
+def test_mmom_objective_records_its_settings(tmp_path: Path) -> None:
+    import json
+
+    out = tmp_path / "art"
+    code, _, err = run_cli(
+        _tiny_args(out, "--objective", "mmom", "--max-iters", "6", "--min-iters", "6",
+                   "--lambda-init", "0.3", "--mmbd-steps", "10")
+    )  # fmt: skip
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["objective"] == "mmom"
+    assert manifest["hyperparameters"]["schedule"]["lambda_init"] == 0.3
+    report = json.loads((out / "report.json").read_text())
+    assert [row["lambda"] for row in report["history"]] == [0.3] * 6  # MMOM: lambda is fixed
+
+
+def test_empirical_null_too_small_to_flag(tmp_path: Path) -> None:
+    out = tmp_path / "art"
+    code, _, err = run_cli(_tiny_args(out, "--null", "empirical"))
+    _assert_one_line_error(code, err, "empirical null", "48")
+    _nothing_written(tmp_path, out)
