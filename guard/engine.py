@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
@@ -21,7 +20,7 @@ class EngineError(Exception):
 
 
 def _gpu_present() -> bool:
-    return Path("/dev/nvidiactl").exists() or bool(os.environ.get("MMGUARD_ASSUME_GPU"))
+    return Path("/dev/nvidiactl").exists()
 
 
 def choose_providers(device: Device, available: list[str]) -> list[str]:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Callable
 
+import pytest
+
+from calibrate.errors import CalibrationError
 from guard.cli import main
 
 
@@ -17,3 +21,14 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
         except SystemExit as exc:  # argparse errors
             code = int(exc.code or 0)
     return code, out.getvalue(), err.getvalue()
+
+
+def expect_error(fn: Callable[[], object], *parts: str) -> str:
+    """Run `fn`, expect a one-line CalibrationError mentioning every one of `parts`."""
+    with pytest.raises(CalibrationError) as info:
+        fn()
+    message = str(info.value)
+    assert "\n" not in message
+    for part in parts:
+        assert part in message, f"{part!r} not in {message!r}"
+    return message

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -11,18 +10,7 @@ import pytest
 from PIL import Image
 
 from calibrate.dataset import CleanSet, check_input_shape, load_clean_set, split_clean_set
-from calibrate.errors import CalibrationError
-
-
-def _error(fn: Callable[[], object], *parts: str) -> str:
-    """Run `fn`, expect a one-line CalibrationError mentioning every one of `parts`."""
-    with pytest.raises(CalibrationError) as info:
-        fn()
-    message = str(info.value)
-    assert "\n" not in message
-    for part in parts:
-        assert part in message, f"{part!r} not in {message!r}"
-    return message
+from tests.helpers import expect_error as _error
 
 
 def _write_image(path: Path, size: tuple[int, int] = (8, 6), mode: str = "RGB") -> None:

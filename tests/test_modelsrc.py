@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -11,8 +10,8 @@ import torch
 import torchvision
 from torch import nn
 
-from calibrate.errors import CalibrationError
 from calibrate.modelsrc import ModelSource, count_output_classes, load_model
+from tests.helpers import expect_error as _error
 
 FACTORY = "tests.test_modelsrc:make_net"
 NOT_A_MODULE = 42
@@ -36,17 +35,6 @@ class TupleNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return x.flatten(1), x
-
-
-def _error(fn: Callable[[], object], *parts: str) -> str:
-    """Run `fn`, expect a one-line CalibrationError mentioning every one of `parts`."""
-    with pytest.raises(CalibrationError) as info:
-        fn()
-    message = str(info.value)
-    assert "\n" not in message
-    for part in parts:
-        assert part in message, f"{part!r} not in {message!r}"
-    return message
 
 
 def _save(obj: object, path: Path) -> Path:
