@@ -12,7 +12,9 @@ class Progress:
         if not quiet:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=what, unit="it", leave=False, dynamic_ncols=True)
+            self._bar = tqdm(
+                total=total, desc=what, unit="it", leave=False, dynamic_ncols=True, disable=None
+            )  # disable=None: no bar when stderr is not a terminal
 
     def tick(self, **postfix: float) -> None:
         if self._bar is not None:

@@ -1,0 +1,247 @@
+"""Assemble and run the gRPC server: artifact and engine, data plane, interceptors, health,
+reflection, TLS, metrics endpoint, warm-up and graceful stop.
+
+    server, port = await create_server(config, registry=CollectorRegistry())
+    await server.start()        # listening at once; SERVING after the warm-up
+    await server.stop()         # NOT_SERVING, in-flight requests finish within the grace period
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+from prometheus_client import CollectorRegistry, start_http_server
+
+from guard._proto import grpc_predict_v2_pb2 as pb
+from guard._proto import grpc_predict_v2_pb2_grpc as pb_grpc
+from guard.artifact import Artifact, load_artifact
+from guard.config import Device, ServeConfig, TlsConfig
+from guard.dataplane import DataPlane, Engine, server_version
+from guard.interceptors import AuthInterceptor, StatusInterceptor
+from guard.metrics import GuardMetrics
+from guard.quarantine import Quarantine
+from guard.servicer import SERVICE_NAME, InferenceServicer
+
+log = logging.getLogger("guard.server")
+EngineFactory = Callable[[Artifact, Device, int], Engine]
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = cpus or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota visible: the affinity mask is the limit
+    return cpus
+
+
+def default_engine(artifact: Artifact, device: Device, threads: int) -> Engine:
+    from guard.engine import GuardEngine
+
+    return GuardEngine(artifact, device, threads)
+
+
+def _credentials(tls: TlsConfig) -> grpc.ServerCredentials:
+    ca = tls.client_ca_file.read_bytes() if tls.client_ca_file else None
+    pair = (tls.key_file.read_bytes(), tls.cert_file.read_bytes())
+    return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=bool(ca))
+
+
+def _reflection_pool() -> descriptor_pool.DescriptorPool:
+    """The served services' descriptors, in a pool of their own (see scripts/gen_proto.py)."""
+    pool = descriptor_pool.DescriptorPool()
+    for fd in (pb.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+        proto = descriptor_pb2.FileDescriptorProto()
+        fd.CopyToProto(proto)
+        pool.Add(proto)
+    return pool
+
+
+class GuardServer:
+    """A bound, not yet started server and everything it owns."""
+
+    def __init__(
+        self,
+        grpc_server: grpc.aio.Server,
+        dataplane: DataPlane,
+        *,
+        config: ServeConfig,
+        health_servicer: health.aio.HealthServicer,
+        registry: CollectorRegistry,
+        executor: ThreadPoolExecutor,
+        quarantine: Quarantine | None,
+    ) -> None:
+        self.grpc_server = grpc_server
+        self.dataplane = dataplane
+        self.config = config
+        self.health = health_servicer
+        self.registry = registry
+        self._executor = executor
+        self._quarantine = quarantine
+        self._metrics_http: Any = None
+        self.metrics_port: int | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        """Listen (live, NOT_SERVING), warm up, then report ready and SERVING."""
+        await self.grpc_server.start()
+        if self.config.metrics_port is not None:
+            self._metrics_http, _ = start_http_server(
+                self.config.metrics_port, self.config.host, registry=self.registry
+            )
+            self.metrics_port = int(self._metrics_http.server_port)
+            log.info("metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
+        start = time.perf_counter()
+        sizes = self.config.batching.warmup_sizes
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self.dataplane.warm_up)
+        log.info("warm-up at batch sizes %s took %.2f s", list(sizes), time.perf_counter() - start)
+        self.dataplane.set_ready(True)
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("ready: model %r", self.dataplane.model_name)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """NOT_SERVING at once; in-flight requests get `grace_s` (default: the configured
+        shutdown grace) to finish, then the rest is cancelled and everything is released."""
+        if self._stopped.is_set():
+            return
+        grace = self.config.shutdown_grace_s if grace_s is None else grace_s
+        log.info("shutting down (grace %.1f s)", grace)
+        await self.health.enter_graceful_shutdown()
+        self.dataplane.set_ready(False)
+        await self.grpc_server.stop(grace)
+        await self.dataplane.batcher.close(timeout_s=0)
+        if self._quarantine is not None:
+            self._quarantine.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        self._stopped.set()
+        log.info("stopped")
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+def _grpc_server(config: ServeConfig, metrics: GuardMetrics) -> grpc.aio.Server:
+    interceptors: list[grpc.aio.ServerInterceptor] = [StatusInterceptor(metrics)]
+    if config.auth_token is not None:
+        interceptors.append(AuthInterceptor(config.auth_token))
+    return grpc.aio.server(
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
+        ],
+    )
+
+
+def _bind(server: grpc.aio.Server, config: ServeConfig) -> int:
+    address = f"{config.host}:{config.port}"
+    try:
+        if config.tls is not None:
+            port = server.add_secure_port(address, _credentials(config.tls))
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {address}: {exc}") from None
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    return port
+
+
+def _build_metrics(
+    config: ServeConfig, artifact: Artifact, engine: Engine, registry: CollectorRegistry
+) -> GuardMetrics:
+    metrics = GuardMetrics(
+        registry,
+        class_names=artifact.class_names,
+        null=artifact.null,
+        max_batch_size=config.batching.max_batch_size,
+    )
+    files = artifact.manifest["files"]
+    metrics.set_build_info(
+        version=server_version(),
+        provider=engine.providers[0],
+        model=config.model_name or artifact.name,
+        model_sha256=str(files["original"]["sha256"]),
+        bounded_sha256=str(files["bounded"]["sha256"]),
+        mode=config.mode,
+    )
+    return metrics
+
+
+async def _add_services(server: grpc.aio.Server, dataplane: DataPlane) -> health.aio.HealthServicer:
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane), server)
+    health_servicer = health.aio.HealthServicer()
+    for service in ("", SERVICE_NAME):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (SERVICE_NAME, HEALTH_SERVICE, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server, pool=_reflection_pool())
+    return health_servicer
+
+
+async def create_server(
+    config: ServeConfig,
+    *,
+    registry: CollectorRegistry,
+    engine_factory: EngineFactory = default_engine,
+    clock: Callable[[], float] = time.monotonic,
+) -> tuple[GuardServer, int]:
+    """Verify the artifact, load both networks and bind the port (call it in a running event
+    loop). Raises ArtifactError, EngineError or OSError (a file, the address) naming the problem."""
+    artifact = load_artifact(config.artifact_dir)
+    threads = config.threads or usable_cpus()
+    engine = engine_factory(artifact, config.device, threads)
+    log.info("onnxruntime providers in use: %s (%d threads)", engine.providers, threads)
+    metrics = _build_metrics(config, artifact, engine, registry)
+    quarantine = Quarantine(config.quarantine, registry) if config.quarantine else None
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="guard-inference")
+    try:
+        dataplane = DataPlane(
+            artifact=artifact,
+            engine=engine,
+            config=config,
+            metrics=metrics,
+            executor=executor,
+            quarantine=quarantine,
+            clock=clock,
+        )
+        server = _grpc_server(config, metrics)
+        health_servicer = await _add_services(server, dataplane)
+        port = _bind(server, config)
+    except BaseException:
+        executor.shutdown(wait=False)
+        if quarantine is not None:
+            quarantine.close()
+        raise
+    guard_server = GuardServer(
+        server,
+        dataplane,
+        config=config,
+        health_servicer=health_servicer,
+        registry=registry,
+        executor=executor,
+        quarantine=quarantine,
+    )
+    return guard_server, port

@@ -1,0 +1,71 @@
+"""Session fixtures shared by the serving tests: one artifact made by `mmguard calibrate` on the
+tiny backdoored example, and inputs from its data that the artifact flags or passes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TINY = Path(__file__).resolve().parents[1] / "calibrate" / "examples" / "tiny"
+ATTACK_TARGET = 0  # calibrate/examples/tiny/example.json
+
+
+@pytest.fixture(scope="session")
+def artifact_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An artifact written by `mmguard calibrate` (about 30-60 s, once per session)."""
+    from guard.cli import main
+
+    out = tmp_path_factory.mktemp("served") / "tiny"
+    code = main(
+        [
+            "calibrate",
+            "--factory", "calibrate.synthetic:small_cnn",
+            "--weights", str(TINY / "model.pt"),
+            "--data", str(TINY / "clean.npz"),
+            "--out", str(out),
+            "--quiet",
+            "--mmbd-steps", "60",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    return out
+
+
+@dataclass(frozen=True)
+class Samples:
+    """FP32 NCHW pixels in [0, 1] (and the same images as UINT8) chosen with the artifact."""
+
+    triggered: np.ndarray  # patched images the artifact flags and corrects away from the target
+    triggered_u8: np.ndarray
+    clean: np.ndarray  # clean images it passes unflagged with their true label
+    clean_labels: np.ndarray
+
+
+def _nchw(images: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+
+
+@pytest.fixture(scope="session")
+def samples(artifact_dir: Path) -> Samples:
+    from guard.artifact import load_artifact
+    from guard.engine import GuardEngine
+
+    engine = GuardEngine(load_artifact(artifact_dir), "cpu", threads=1)
+    poisoned = _nchw(np.load(TINY / "poisoned.npz")["images"])
+    d = engine.decide(poisoned.astype(np.float32) / 255)
+    hit = np.flatnonzero(d.flagged & (d.label != ATTACK_TARGET) & (d.original_label == 0))[:4]
+    assert len(hit) == 4, "the artifact should flag and correct the triggered examples"
+    clean_npz = np.load(TINY / "clean.npz")
+    clean = _nchw(clean_npz["images"])
+    c = engine.decide(clean.astype(np.float32) / 255)
+    ok = np.flatnonzero(~c.flagged & (c.original_label == clean_npz["labels"]))[:4]
+    assert len(ok) == 4
+    return Samples(
+        triggered=poisoned[hit].astype(np.float32) / 255,
+        triggered_u8=poisoned[hit],
+        clean=clean[ok].astype(np.float32) / 255,
+        clean_labels=clean_npz["labels"][ok],
+    )
