@@ -102,6 +102,8 @@ def calibrate_once(
         "--schedule",
         schedule,
     ]
+    if schedule == "reference":  # SPEC 5: MM-BD ascent up to 300 steps, as in the reference
+        argv += ["--mmbd-steps", "300"]
     cfg = config_from_args(build_parser().parse_args(argv))
     job = CalibrationJob(
         model=ModelSource(factory=FACTORY, weights=weights),
@@ -119,6 +121,8 @@ def calibrate_once(
     return {
         "wall_s": wall,
         "learn_bounds_s": report["timing_s"]["learn_bounds"],
+        "mmbd_s": report["timing_s"]["mmbd"],
+        "mmbd_steps": cfg.mmbd_steps,
         "iterations": report["iterations"],
         "final_lambda": report["final_lambda"],
         "mmbd": report["mmbd"],

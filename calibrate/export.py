@@ -6,6 +6,7 @@ import contextlib
 import io
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,10 +32,15 @@ def _ort_max_ir_version() -> int:
     return 8
 
 
-def export_verified(module: nn.Module, sample: torch.Tensor, path: Path) -> float:
+def export_verified(
+    module: nn.Module, sample: torch.Tensor, path: Path, *, fold: bool = False
+) -> tuple[float, dict[str, Any] | None]:
     """Export `module` (eval mode, pixel input) to one self-contained ONNX file with a dynamic
     batch axis, check it, and compare its logits with torch's on `sample` in onnxruntime.
-    Returns the max absolute logit difference; raises CalibrationError above MAX_ABS_DIFF."""
+
+    fold: rewrite the bound sites (calibrate.onnx_fold) so onnxruntime keeps its fused kernels;
+    the rewritten graph is what gets checked and compared. Returns the max absolute logit
+    difference and the fold statistics; raises CalibrationError above MAX_ABS_DIFF."""
     import onnx
 
     module.eval()
@@ -52,9 +58,14 @@ def export_verified(module: nn.Module, sample: torch.Tensor, path: Path) -> floa
             do_constant_folding=True,
         )
     model = onnx.load(str(path))
+    stats: dict[str, Any] | None = None
+    if fold:
+        from calibrate.onnx_fold import fold_bounds
+
+        model, stats = fold_bounds(model)
     if model.ir_version > _ort_max_ir_version():
         model.ir_version = _ort_max_ir_version()
-        onnx.save(model, str(path))
+    onnx.save(model, str(path))
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as exc:
@@ -65,7 +76,7 @@ def export_verified(module: nn.Module, sample: torch.Tensor, path: Path) -> floa
             f"{path.name} in onnxruntime differs from torch by {diff:.3g} in the logits "
             f"(limit {MAX_ABS_DIFF})"
         )
-    return diff
+    return diff, stats
 
 
 def max_abs_difference(module: nn.Module, path: Path, inputs: torch.Tensor) -> float:

@@ -1,23 +1,31 @@
 """Fold the bounded network's per-channel `Min` nodes into the surrounding weights.
 
 The bounded export (calibrate.bounded) puts ``Min(Relu(z), b)`` after every ReLU call site, with a
-constant per-channel bound ``b >= 0``. onnxruntime cannot fuse a per-channel `Min` into the
-producing convolution, and on x86 it also has to leave its blocked (NCHWc) layout around each one,
-so every site costs two reorders and an elementwise pass. For ``b > 0``
+constant per-channel bound ``b >= 0``. onnxruntime cannot fuse a per-channel `Min` into anything,
+and on x86 it also has to leave its blocked (NCHWc) layout around each one, so every site costs two
+reorders and an elementwise pass, and a residual ``Add`` + ``Relu`` no longer fuses into its Conv.
 
-    min(relu(z), b) = b * clip(z / b, 0, 1),
+For ``b > 0``: ``min(relu(z), b) = b * clip(z / b, 0, 1)``.
 
-and ``z / b`` is the producer with its output channels divided by ``b``, ``clip(., 0, 1)`` fuses into
-it, and ``b *`` folds into the input channels of the next convolution or linear layer (padding is
-zero, so scaling commutes with it; max/average pooling and Flatten commute with a non-negative
-per-channel scale too). A channel with ``b == 0`` (or below `TINY`) is constant zero: its producer
-row and bias become 0, so clip gives 0, and its scale is 0.
+Conv (or Gemm) -> Relu -> Min: the producer's output channels are divided by ``b`` (weights and
+bias), ``Clip(0, 1)`` follows and fuses into it, and the factor ``b`` moves into the consumers:
+the input channels of a Conv (zero padding commutes with the scale; groups handled), Gemm or
+MatMul, through max/average/global pooling and Flatten (all commute with a per-channel scale
+``>= 0``). A consumer that cannot take it gets one per-channel scaling node.
 
-A residual ``Add`` before the ReLU gets each operand scaled by ``1/b``: a producing Conv/Gemm used
-only there takes the scale into its weights, any other operand (an identity shortcut) gets one
-per-channel scaling node, merged with the scale of that operand's own site when it has one.
-Where a scaled tensor has a consumer that cannot take the scale, one per-channel scaling node
-restores it. Sites that do not match are left as they are and counted in the stats with a reason.
+Add -> Relu -> Min (a residual block): onnxruntime's NCHWc Conv can absorb the Add (as its "Sum"
+input) but then fuses only Relu, never Clip, so a Clip right after the Add would cost two reorders.
+Instead the Add is made to yield ``y / p`` with ``p`` the scale of an identity shortcut that is
+itself a folded site's output, so the shortcut's unscaled tensor is added as is (no node), the other
+operand takes ``1 / p`` in its producer's weights, and one depthwise 1x1 Conv multiplies by
+``p / b`` and carries the fused Clip: one cheap elementwise node in the blocked layout per residual
+site. That node is the least this onnxruntime allows: the Clip needs an op of its own once the Add
+is fused, and the Add must be fused for the original's speed. (`residual="clip"` instead divides
+both operands by ``b`` and puts the Clip right after the Add.)
+
+A channel with ``b`` below `TINY` is constant zero: its producer row and bias (or depthwise weight)
+become 0, so the clip gives exactly 0, and its scale is 0. Sites that do not match are left as
+they are and counted in the stats with a reason.
 
 `fold_bounds` is a pure rewrite of the ONNX graph: same inputs and outputs, dynamic batch kept.
 """
@@ -39,6 +47,8 @@ TINY = 1e-12
 # Consumers through which a non-negative per-channel scale (channel axis 1) passes unchanged.
 _PASS_THROUGH = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"}
 _FLOATS = (np.float32, np.float64, np.float16)
+# Producers whose output channels can take a scale in their constant inputs.
+_PRODUCERS = ("Conv", "Gemm", "MatMul", "BatchNormalization")
 
 
 @dataclass
@@ -59,19 +69,24 @@ class _Skip(Exception):
 def fold_bounds(
     model: onnx.ModelProto, *, scaler: str = "conv", residual: str = "dwclip"
 ) -> tuple[onnx.ModelProto, dict]:
-    """An equivalent, faster copy of a bounded model, and what was done.
+    """An equivalent, faster copy of a bounded model (the input is not modified), and stats.
 
-    `scaler` picks the node used where a per-channel scale cannot be folded into weights on a
-    4-D tensor: "conv" (a 1x1 depthwise Conv, which onnxruntime keeps in its blocked layout and
-    can fuse with a following Add) or "mul" (a broadcast Mul). 2-D tensors always use Mul.
+    `residual`: how an Add -> Relu -> Min site is rewritten, "dwclip" (a depthwise 1x1 Conv with
+    the Clip after the Add; the default) or "clip" (the Clip right after the Add).
+    `scaler`: the node used where a per-channel scale on a tensor of rank >= 3 cannot be folded
+    into weights, "conv" (a depthwise 1x1 Conv, which onnxruntime keeps in its blocked layout)
+    or "mul" (a broadcast Mul); 2-D tensors always use Mul.
 
     Stats: `sites` (Min nodes), `rewritten`, `skipped` ({reason: count}), `folded` (consumer
     edges that took a scale into their weights), `passed_through` (pooling/Flatten edges the
-    scale moved through), `scale_nodes` (per-channel scaling nodes added), `zero_channels`,
+    scale moved through), `scale_nodes` (per-channel scaling nodes added), `residual_nodes`
+    (depthwise Clip carriers added at residual sites), `zero_channels` (bounds below TINY),
     `min_nodes_before`/`min_nodes_after` and `nodes_before`/`nodes_after`.
     """
     if scaler not in ("conv", "mul"):
         raise ValueError(f"scaler must be 'conv' or 'mul', got {scaler!r}")
+    if residual not in ("dwclip", "clip"):
+        raise ValueError(f"residual must be 'dwclip' or 'clip', got {residual!r}")
     out = onnx.ModelProto()
     out.CopyFrom(model)
     folder = _Folder(out, scaler, residual)
@@ -85,15 +100,13 @@ class _Folder:
         self.model = model
         self.graph = model.graph
         self.scaler = scaler
-        self.opset = next(
-            (o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0
-        )
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
         self.nodes: list[onnx.NodeProto] = list(self.graph.node)
         self.inits = {t.name: t for t in self.graph.initializer}
         self.new_arrays: dict[str, np.ndarray] = {}
         self.scaled: dict[str, _Scaled] = {}
         self.graph_outputs = {o.name for o in self.graph.output}
-        self.shapes = _static_shapes(model)
+        self.shapes, self.types = _static_shapes(model)
         self.names = _all_names(self.graph)
         self.counter = 0
         self.limits: dict[str, tuple[str, str]] = {}
@@ -367,19 +380,25 @@ class _Folder:
     def plan_output_scale(
         self, prod: onnx.NodeProto, out: str, inv: np.ndarray, rank: int
     ) -> list[Any]:
-        if prod.op_type in ("Conv", "Gemm", "MatMul"):
+        if prod.op_type in _PRODUCERS and prod.domain in ("", "ai.onnx"):
             return [self.plan_weighted_output(prod, inv, rank)]
         if prod.op_type == "Add" and prod.domain in ("", "ai.onnx") and len(prod.input) == 2:
             return [self.plan_add_operand(prod, i, inv, rank) for i in range(2)]
         raise _Skip(f"pre-activation comes from {prod.op_type}")
 
     def plan_weighted_output(self, node: onnx.NodeProto, inv: np.ndarray, rank: int) -> Any:
-        """Scale the output channels of a Conv, Gemm or 2-D MatMul by `inv` (returns the edit)."""
+        """Scale the output channels of a Conv, Gemm, 2-D MatMul or inference BatchNormalization
+        by `inv` (returns the edit)."""
         n = len(inv)
         w = self.weight(node, 1)
         dtype = self.constant(node.input[1]).dtype  # type: ignore[union-attr]
         bias = self.weight(node, 2) if len(node.input) > 2 and node.input[2] else None
-        if node.op_type == "Conv":
+        if node.op_type == "BatchNormalization":
+            # y = scale * (x - mean) / sqrt(var + eps) + B: scale and B carry the factor
+            if len(node.output) != 1 or bias is None or w.shape != (n,) or bias.shape != (n,):
+                raise _Skip("BatchNormalization is not a per-channel inference one")
+            w_new, b_new = w * inv, bias * inv
+        elif node.op_type == "Conv":
             if w.ndim != rank or w.shape[0] != n:
                 raise _Skip("Conv weight does not match the bound")
             w_new = w * inv.reshape((n,) + (1,) * (w.ndim - 1))
@@ -398,7 +417,12 @@ class _Folder:
                     raise _Skip("Gemm bias is not per-output")
                 b_new = np.broadcast_to(bias.reshape(-1), (n,)) * inv
         else:  # MatMul: activation @ W
-            if rank != 2 or w.ndim != 2 or w.shape[1] != n or self.constant(node.input[0]) is not None:
+            if (
+                rank != 2
+                or w.ndim != 2
+                or w.shape[1] != n
+                or self.constant(node.input[0]) is not None
+            ):
                 raise _Skip("MatMul is not a 2-D activation times a constant")
             w_new, b_new = w * inv[None, :], None
 
@@ -410,7 +434,9 @@ class _Folder:
         return edit
 
     def plan_add_operand(self, add: onnx.NodeProto, idx: int, inv: np.ndarray, rank: int) -> Any:
-        """One operand of the residual Add, divided by the bound (returns the edit)."""
+        """Make operand `idx` of an Add enter multiplied by `inv` per channel (returns the edit):
+        in a constant, in the weights of a producer used only here, else by a scaling node
+        (merged with the operand's own scale when it is a folded site's output)."""
         name = add.input[idx]
         n = len(inv)
         const = self.constant(name)
@@ -428,7 +454,8 @@ class _Folder:
         prod = self.producer(name)
         if (
             prod is not None
-            and prod.op_type in ("Conv", "Gemm", "MatMul")
+            and prod.op_type in _PRODUCERS
+            and prod.domain in ("", "ai.onnx")
             and add.input[1 - idx] != name
             and self.used_only_by(name, add)
         ):
@@ -441,7 +468,6 @@ class _Folder:
         if name not in self.scaled and np.all(inv == 1.0):
             return lambda: None
         dtype = self.dtype_of(name)
-        # an identity shortcut: one scaling node, merged with the operand's own site scale
         src, scale = name, inv
         if name in self.scaled:
             s = self.scaled[name]
@@ -458,14 +484,14 @@ class _Folder:
 
     def dtype_of(self, name: str) -> Any:
         """The float dtype to use for a scale on `name`: its inferred type, else float32."""
-        elem = self.shapes.get(f"__type__{name}")
-        if elem:
-            return helper.tensor_dtype_to_np_dtype(int(elem[0]))
-        return np.float32
+        elem = self.types.get(name)
+        return np.float32 if elem is None else helper.tensor_dtype_to_np_dtype(elem)
 
     # -- giving the scale to the consumers ---------------------------------------------------
 
     def resolve_scaled(self) -> None:
+        """Give each folded site's scale to its consumers: into their weights, through pooling and
+        Flatten, or, for any consumer that takes neither, back by one scaling node."""
         work = list(self.scaled.values())
         while work:
             item = work.pop(0)
@@ -589,21 +615,22 @@ def _scale_broadcast(value: np.ndarray, inv: np.ndarray, rank: int) -> np.ndarra
     return value * inv.reshape(shape)
 
 
-def _static_shapes(model: onnx.ModelProto) -> dict[str, Any]:
-    """name -> dims (int, or str for symbolic/unknown) from onnx shape inference; element types
-    are stored under "__type__" + name."""
+def _static_shapes(model: onnx.ModelProto) -> tuple[dict[str, list], dict[str, int]]:
+    """name -> dims (int, or "?" where unknown or symbolic) and name -> element type, from onnx
+    shape inference (empty where it fails: it is a help, not a requirement)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # inference is a help, not a requirement
-        return {}
-    shapes: dict[str, Any] = {}
-    g = inferred.graph
+        g = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:
+        return {}, {}
+    shapes: dict[str, list] = {}
+    types: dict[str, int] = {}
     for vi in [*g.input, *g.value_info, *g.output]:
         t = vi.type.tensor_type
-        shapes[f"__type__{vi.name}"] = [t.elem_type]
+        if t.elem_type:
+            types[vi.name] = t.elem_type
         if t.HasField("shape"):
             shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else "?" for d in t.shape.dim]
-    return shapes
+    return shapes, types
 
 
 def _all_names(graph: onnx.GraphProto) -> set[str]:
@@ -644,5 +671,3 @@ def _toposorted(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.N
         else:
             raise ValueError("fold_bounds produced a graph with a cycle or a missing input")
     return out
-
-

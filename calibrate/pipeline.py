@@ -246,10 +246,10 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
     with staging_dir(job.out, job.force) as tmp:
         t = time.perf_counter()
         probe = x_held[:64]
-        diffs = {
-            "original": export_verified(model, probe, tmp / NETWORK_FILES["original"]),
-            "bounded": export_verified(net, probe, tmp / NETWORK_FILES["bounded"]),
-        }
+        diffs = {"original": export_verified(model, probe, tmp / NETWORK_FILES["original"])[0]}
+        diffs["bounded"], fold_stats = export_verified(
+            net, probe, tmp / NETWORK_FILES["bounded"], fold=True
+        )
         timing["export"] = time.perf_counter() - t
         timing["total"] = time.perf_counter() - t0
         split = {
@@ -295,6 +295,7 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
             "timing_s": timing,
         }
         manifest = _manifest_fields(job, clean, cfg, null, null_info, report, diffs)
+        manifest["onnx"]["bound_folding"] = fold_stats
         write_manifest(tmp, manifest)
         write_report(report, tmp)
     return CalibrationOutcome(job.out, report, manifest)
