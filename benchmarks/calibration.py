@@ -82,7 +82,13 @@ def _batched_logits(engine: Any, x: np.ndarray, bs: int = 500) -> tuple[np.ndarr
 
 
 def calibrate_once(
-    label: str, schedule: str, weights: Path, data_npz: Path, out: Path, threads: int
+    label: str,
+    schedule: str,
+    weights: Path,
+    data_npz: Path,
+    out: Path,
+    threads: int,
+    extra: list[str],
 ) -> dict[str, Any]:
     from calibrate.cli import config_from_args
     from calibrate.modelsrc import ModelSource
@@ -102,6 +108,7 @@ def calibrate_once(
         "--schedule",
         schedule,
     ]
+    argv += extra
     if schedule == "reference":  # SPEC 5: MM-BD ascent up to 300 steps, as in the reference
         argv += ["--mmbd-steps", "300"]
     cfg = config_from_args(build_parser().parse_args(argv))
@@ -142,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-class", type=int, default=50, help="clean calibration images per class")
     p.add_argument("--only", choices=["a", "b", "both"], default="both")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--a-args", default="", help="extra `mmguard calibrate` flags for run (a), quoted"
+    )
     args = p.parse_args(argv)
 
     import torch
@@ -172,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"model": model_metrics, "eval_images": int(y_eval.size)}
     for label, schedule in runs.items():
         out = args.cache_dir / f"artifact_{label}"
-        res = calibrate_once(label, schedule, weights, data_npz, out, args.threads)
+        extra = args.a_args.split() if label == "a" else []
+        res = calibrate_once(label, schedule, weights, data_npz, out, args.threads, extra)
+        res["extra_args"] = extra
         res.update(score(out, x_eval, y_eval, target))
         results[label] = res
         print(f"[{label}] {json.dumps(res)}", file=sys.stderr, flush=True)

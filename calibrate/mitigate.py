@@ -130,7 +130,10 @@ def learn_bounds(
         lam.update(it, row["agreement"])
         if progress is not None:
             progress(it, row)
-        if it >= sched.min_iters and converged(previous, row["loss"], sched.loss_rel_tol):
+        # MMAC is not done while the controller is still pulling agreement back to its target
+        on_target = cfg.objective == "mmom" or row["agreement"] >= cfg.target_agreement
+        settled = converged(previous, row["loss"], sched.loss_rel_tol)
+        if it >= sched.min_iters and on_target and settled:
             break
         previous = row["loss"]
     result.maxima, result.maxima_targets = x_max.detach(), k_max
