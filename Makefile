@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmguard-installed
 DATA ?= ../shared/data/cifar10_jpg.tar.xz
 
-.PHONY: demo test lint format bench-calibration clean
+.PHONY: demo test lint format bench-calibration proto serve clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,6 +28,14 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+# Regenerate guard/_proto from proto/ (tests/test_proto.py checks the committed copy is current).
+proto: $(STAMP)
+	$(PY) scripts/gen_proto.py
+
+# Serve the artifact `make demo` wrote: gRPC on 8001, Prometheus metrics on 8002.
+serve: $(STAMP)
+	$(VENV)/bin/mmguard serve runs/tiny-demo --port 8001 --metrics-port 8002
 
 bench-calibration: $(STAMP)
 	$(PY) -m benchmarks.calibration --data $(DATA)

@@ -85,6 +85,8 @@ def load_artifact(root: Path, verify_hashes: bool = True) -> Artifact:
         if not isinstance(entry, dict):
             raise ArtifactError(f"manifest.json files.{role} must be an object with path/sha256")
         path = root / str(entry.get("path", default))
+        if path.resolve().parent != root.resolve():
+            raise ArtifactError(f"{role} network path {entry.get('path')!r} leaves the artifact")
         if not path.is_file():
             raise ArtifactError(f"{role} network file {path} is missing")
         if verify_hashes and sha256_file(path) != _require(manifest, "files", role, "sha256"):

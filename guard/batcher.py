@@ -147,30 +147,33 @@ class Batcher(Generic[T, R]):
 
     async def _collect(self) -> list[_Pending[T, R]]:
         """Wait for a first request, then for more until the batch is full, the next request
-        does not fit, or max_delay_s has passed since the first one arrived."""
+        does not fit, or max_delay_s has passed since the first one arrived. Requests stay in
+        the queue (counted by `depth` and the queue bound) until the batch is taken."""
         while not self._queue:
             if self._closed:
                 return []
             self._wakeup.clear()
             await self._wakeup.wait()
         close_at = self._queue[0].enqueued_s + self._max_delay_s
-        batch: list[_Pending[T, R]] = []
-        total = 0
         while True:
-            while self._queue and total + self._queue[0].size <= self._max_batch_size:
-                pending = self._queue.popleft()
-                batch.append(pending)
-                total += pending.size
-            if total >= self._max_batch_size or self._queue or self._flush:
-                return batch
+            count, total = self._fitting()
+            full = total >= self._max_batch_size or count < len(self._queue)
             remaining = close_at - self._clock()
-            if remaining <= 0:
-                return batch
+            if full or self._flush or remaining <= 0 or count == 0:
+                return [self._queue.popleft() for _ in range(count)]
             self._wakeup.clear()
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
-            except asyncio.TimeoutError:
-                return batch
+
+    def _fitting(self) -> tuple[int, int]:
+        """How many requests from the head of the queue fit in one batch, and their items."""
+        count = total = 0
+        for pending in self._queue:
+            if total + pending.size > self._max_batch_size:
+                break
+            count += 1
+            total += pending.size
+        return count, total
 
     def _live(self, batch: list[_Pending[T, R]]) -> list[_Pending[T, R]]:
         """Drop the requests cancelled or past their deadline; report the others' queue time."""

@@ -56,26 +56,36 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         metrics, clock = self._metrics, self._clock
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            # metrics are recorded before the answer leaves, so a client that has its answer
+            # sees them counted
             start = clock()
-            code = grpc.StatusCode.OK
             metrics.in_flight.inc()
+
+            def finish(code: grpc.StatusCode) -> None:
+                metrics.in_flight.dec()
+                metrics.on_request(method, code, clock() - start)
+
             try:
-                return await inner(request, context)
+                response = await inner(request, context)
             except GuardError as exc:
-                code = exc.code
-                await context.abort(exc.code, exc.message)
+                code, message = exc.code, exc.message
+            except grpc.aio.AbortError:  # a handler aborted by itself: its status stands
+                finish(context.code() or grpc.StatusCode.UNKNOWN)
+                raise
             except asyncio.CancelledError:
                 remaining = context.time_remaining()
                 expired = remaining is not None and remaining <= 0
-                code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+                finish(grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED)
                 raise
             except Exception:
-                code = grpc.StatusCode.INTERNAL
                 log.exception("unexpected error in %s", method)
-                await context.abort(code, f"internal error in {method}; see the server log")
-            finally:
-                metrics.in_flight.dec()
-                metrics.on_request(method, code, clock() - start)
+                code = grpc.StatusCode.INTERNAL
+                message = f"internal error in {method}; see the server log"
+            else:
+                finish(grpc.StatusCode.OK)
+                return response
+            finish(code)
+            await context.abort(code, message)
 
         return _unary_handler(handler, guarded)
 

@@ -23,7 +23,7 @@ DEFAULT_OUT = ROOT / "guard" / "_proto"
 # fail. The guard's messages therefore live in a private pool; the wire format is unaffected.
 DEFAULT_POOL_LINE = "DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile("
 PRIVATE_POOL_LINES = (
-    "# private pool (scripts/gen_proto.py): tritonclient defines the same names in the default one\n"
+    "# a private pool (scripts/gen_proto.py): tritonclient has these names in the default one\n"
     "POOL = _descriptor_pool.DescriptorPool()\n"
     "DESCRIPTOR = POOL.AddSerializedFile("
 )

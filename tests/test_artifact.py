@@ -283,3 +283,14 @@ def test_staging_then_load_round_trip(tmp_path: Path) -> None:
         _make(tmp)
     art = load_artifact(out)
     assert art.root == out and art.bounded_path == out / "bounded.onnx"
+
+
+def test_network_path_must_stay_inside_the_artifact(tmp_path: Path) -> None:
+    root = _make(tmp_path / "art")
+    outside = tmp_path / "elsewhere.onnx"
+    outside.write_bytes((root / "bounded.onnx").read_bytes())
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["files"]["bounded"]["path"] = "../elsewhere.onnx"
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="leaves the artifact"):
+        load_artifact(root)
