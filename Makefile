@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmguard-installed
 DATA ?= ../shared/data/cifar10_jpg.tar.xz
 
-.PHONY: demo test lint format bench-calibration proto serve clean
+.PHONY: demo test lint format bench-calibration bench-serving proto serve clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -39,6 +39,10 @@ serve: $(STAMP)
 
 bench-calibration: $(STAMP)
 	$(PY) -m benchmarks.calibration --data $(DATA)
+
+# Guard vs unguarded serving on the artifact bench-calibration writes (.cache/bench/artifact_a).
+bench-serving: $(STAMP)
+	$(PY) -m benchmarks.serving
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache

@@ -86,14 +86,20 @@ def session(path: Path, threads: int) -> Any:
 
 
 def time_interleaved(
-    sessions: dict, batch: int, rounds: int, iters: int, seed: int
+    sessions: dict,
+    batch: int,
+    rounds: int,
+    iters: int,
+    seed: int,
+    shape: tuple[int, ...] = (3, 32, 32),
+    input_name: str = "input",
 ) -> dict[str, list[list[float]]]:
     """Per-call seconds, [graph][round][call]: every round runs each graph `iters` times back to
     back, in an order rotated from round to round, all on the same input; one warm-up call per
     graph first. Short rounds pair the graphs in time, so load drift on a shared machine hits
     all three alike."""
-    x = np.random.default_rng(seed).random((batch, 3, 32, 32), dtype=np.float32)
-    feed = {"input": x}
+    x = np.random.default_rng(seed).random((batch, *shape), dtype=np.float32)
+    feed = {input_name: x}
     for s in sessions.values():
         s.run(None, feed)
     names = list(sessions)

@@ -10,7 +10,7 @@ from typing import Literal
 from guard.mmdf import DecisionRule
 
 Device = Literal["auto", "cpu", "cuda"]
-Mode = Literal["enforce", "shadow"]
+Mode = Literal["enforce", "shadow", "unguarded"]
 MiB = 1 << 20
 
 
@@ -78,7 +78,9 @@ class ServeConfig:
     model_version: str = "1"  # the one version served; requests may also leave it empty
     alpha: float | None = None  # flag when p < alpha; None: the manifest's value
     flag_on_disagreement: bool | None = None  # None: the manifest's value
-    mode: Mode = "enforce"  # shadow: answer the original label, still flag, log and count
+    # shadow: answer the original label, still flag, log and count. unguarded: a benchmark
+    # baseline with NO protection, the original network alone (see guard.dataplane.unguarded)
+    mode: Mode = "enforce"
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     shutdown_grace_s: float = 10.0  # in-flight requests get this long after SIGTERM/SIGINT
     tls: TlsConfig | None = None
@@ -90,8 +92,8 @@ class ServeConfig:
         object.__setattr__(self, "artifact_dir", Path(self.artifact_dir))
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if self.mode not in ("enforce", "shadow"):
-            raise ValueError(f"mode must be enforce or shadow, got {self.mode!r}")
+        if self.mode not in ("enforce", "shadow", "unguarded"):
+            raise ValueError(f"mode must be enforce, shadow or unguarded, got {self.mode!r}")
         for name, port in (("port", self.port), ("metrics_port", self.metrics_port)):
             if port is not None and not 0 <= port <= 65535:
                 raise ValueError(f"{name} must be in 0..65535, got {port}")

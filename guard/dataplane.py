@@ -4,6 +4,7 @@ dataclasses (guard.tensors). guard.servicer converts protobuf to and from these 
 An inference request is validated and decoded, queued in the dynamic batcher, scored by both
 networks and the MMDF decision in the executor, and its outputs encoded. Flagged inputs are
 logged (one structured line each, never the data), counted and optionally quarantined.
+Mode `unguarded` (a benchmark baseline with no protection) runs the original network alone.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ class Engine(Protocol):
 
     def logits(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
+    def original_logits(self, x: np.ndarray) -> np.ndarray: ...
+
 
 @dataclass(frozen=True)
 class ModelMetadata:
@@ -99,6 +102,17 @@ def guarded_outputs(scored: Scored, shadow: bool) -> dict[str, np.ndarray]:
         "bounded_label": d.bounded_label,
         "logits": scored.original_logits if shadow else d.logits,
     }
+
+
+def unguarded(original_logits: np.ndarray) -> Decisions:
+    """What mode `unguarded` answers: the original network's decision and logits, never flagged.
+    No test runs, so p_value is NaN (not 1.0: no client may read it as evidence of a clean
+    input); statistic 0 and bounded_label = original_label, as if the bounds changed nothing."""
+    g = np.asarray(original_logits, dtype=np.float32)
+    c = np.argmax(g, axis=1).astype(np.int64)
+    n = len(c)
+    nan, zero = np.full(n, np.nan), np.zeros(n)
+    return Decisions(c, np.zeros(n, dtype=bool), nan, zero, c, c.copy(), g)
 
 
 def split_scored(scored: Scored, sizes: Sequence[int]) -> list[Scored]:
@@ -235,9 +249,13 @@ class DataPlane:
         return split_scored(scored, [len(part) for part in xs])
 
     def _score(self, x: np.ndarray, observe: bool = True) -> Scored:
-        """Both networks, then MMDF, on one batch (runs on an executor thread)."""
+        """Both networks, then MMDF, on one batch (runs on an executor thread); the original
+        network alone in mode unguarded."""
         t0 = self._clock()
-        original, bounded = self.engine.logits(x)
+        if self.config.mode == "unguarded":
+            original = bounded = self.engine.original_logits(x)
+        else:
+            original, bounded = self.engine.logits(x)
         t1 = self._clock()
         expected = (len(x), len(self.artifact.class_names))
         if original.shape != expected or bounded.shape != expected:
@@ -245,7 +263,10 @@ class DataPlane:
                 f"the networks returned logits of shape {original.shape} and {bounded.shape}; "
                 f"expected {expected}"
             )
-        decisions = decide(original, bounded, self.artifact.null, self.rule)
+        if self.config.mode == "unguarded":
+            decisions = unguarded(original)
+        else:
+            decisions = decide(original, bounded, self.artifact.null, self.rule)
         if observe:
             self.metrics.on_stage("inference", t1 - t0)
             self.metrics.on_stage("decision", self._clock() - t1)
@@ -254,6 +275,9 @@ class DataPlane:
     def _report(self, request_id: str, x: np.ndarray, scored: Scored) -> None:
         """Count the decisions; log and quarantine each flagged input."""
         d = scored.decisions
+        if self.config.mode == "unguarded":  # no test ran: no p-values or statistics to count
+            self.metrics.inferences.inc(len(d.label))
+            return
         self.metrics.on_decisions(d)
         names = self.artifact.class_names
         for i in np.flatnonzero(d.flagged).tolist():

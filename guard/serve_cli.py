@@ -75,9 +75,10 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     )
     run.add_argument(
         "--mode",
-        choices=["enforce", "shadow"],
+        choices=["enforce", "shadow", "unguarded"],
         default="enforce",
-        help="shadow: answer the original label, still flag, log and count",
+        help="shadow: answer the original label, still flag, log and count; unguarded: NO "
+        "protection, the original network alone (a baseline for benchmarks)",
     )
     bat = p.add_argument_group("batching")
     d = BatchingConfig()

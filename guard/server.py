@@ -214,6 +214,11 @@ async def create_server(
     threads = config.threads or usable_cpus()
     engine = engine_factory(artifact, config.device, threads)
     log.info("onnxruntime providers in use: %s (%d threads)", engine.providers, threads)
+    if config.mode == "unguarded":
+        log.warning(
+            "mode unguarded: NO backdoor protection, the original network alone answers and "
+            "nothing is ever flagged (a baseline for benchmarks, not for production)"
+        )
     metrics = _build_metrics(config, artifact, engine, registry)
     quarantine = Quarantine(config.quarantine, registry) if config.quarantine else None
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="guard-inference")

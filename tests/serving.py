@@ -126,6 +126,9 @@ class GatedEngine:
             raise self.fail_with
         return self._engine.logits(x)
 
+    def original_logits(self, x: np.ndarray) -> np.ndarray:
+        return self.logits(x)[0]
+
 
 def gated_factory() -> tuple[EngineFactory, list[GatedEngine]]:
     """An engine factory and the list that will hold the engine it builds."""

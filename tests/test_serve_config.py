@@ -45,6 +45,7 @@ def test_defaults_and_flags_become_one_frozen_config() -> None:
     assert cfg.batching == BatchingConfig(16, 5.0, 3, (1, 16, 8))
     assert cfg.batching.warmup_sizes == (1, 8, 16)
     assert cfg.quarantine == QuarantineConfig(Path("q"), max_bytes=1 << 20)
+    assert config_from_args(_args("--mode", "unguarded")).mode == "unguarded"
     with pytest.raises(AttributeError):
         cfg.port = 1  # type: ignore[misc]
 

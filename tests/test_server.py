@@ -142,6 +142,34 @@ def test_shadow_mode_answers_the_original_label_but_flags_and_counts(
     assert len(flagged) == 4 and all(r.fields["mode"] == "shadow" for r in flagged)  # type: ignore[attr-defined]
 
 
+def test_unguarded_mode_answers_the_original_label_and_never_flags(
+    artifact_dir: Path, samples: Samples, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        caplog.at_level(logging.WARNING, logger="guard"),
+        running(serve_config(artifact_dir, mode="unguarded")) as srv,
+    ):
+        client = tc.InferenceServerClient(srv.url)
+        res = infer(client, samples.triggered)  # inputs enforce mode flags and corrects
+        client.close()
+        assert res.as_numpy("label").tolist() == [ATTACK_TARGET] * 4
+        assert res.as_numpy("original_label").tolist() == [ATTACK_TARGET] * 4
+        assert res.as_numpy("bounded_label").tolist() == [ATTACK_TARGET] * 4
+        assert res.as_numpy("flagged").tolist() == [False] * 4
+        assert np.all(np.isnan(res.as_numpy("p_value")))
+        assert res.as_numpy("statistic").tolist() == [0.0] * 4
+        assert np.argmax(res.as_numpy("logits"), axis=1).tolist() == [ATTACK_TARGET] * 4
+        assert dict(res.get_response().parameters)["guard_mode"].string_param == "unguarded"
+        assert srv.sample("guard_flagged_total") == 0
+        assert srv.sample("guard_inferences_total") == 4
+        assert srv.sample("guard_p_value_count") == 0
+        info = next(m for m in srv.registry.collect() if m.name == "guard_build_info")
+        assert info.samples[0].labels["mode"] == "unguarded"
+    warned = [r.getMessage() for r in caplog.records if r.name == "guard.server"]
+    assert any("NO backdoor protection" in m for m in warned), warned
+    assert not [r for r in caplog.records if r.name == "guard.flagged"]
+
+
 def test_alpha_override_changes_the_decision(artifact_dir: Path, samples: Samples) -> None:
     # with alpha at 1e-300 nothing reaches significance: the triggered inputs pass
     with running(serve_config(artifact_dir, alpha=1e-300)) as srv:
