@@ -4,8 +4,6 @@ metrics` on a real scrape of the /metrics endpoint."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -17,6 +15,7 @@ import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import Samples
+from tests.prometheus import promtool
 from tests.serving import ServerThread, running, serve_config
 
 pytestmark = pytest.mark.slow  # the session artifact is calibrated with torch
@@ -93,26 +92,6 @@ def _scrape(srv: ServerThread) -> str:
         return resp.read().decode()
 
 
-def _promtool() -> str:
-    """promtool, installed from Debian's prometheus package when missing."""
-    found = shutil.which("promtool")
-    if found:
-        return found
-    if shutil.which("apt-get") is None:
-        pytest.skip("promtool is missing and apt-get is unavailable to install it")
-    if os.geteuid() != 0:
-        pytest.skip("promtool is missing and installing it with apt-get needs root")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update"],
-                ["apt-get", "install", "-y", "--no-install-recommends", "prometheus"]):  # fmt: skip
-        done = subprocess.run(["nice", "-n", "19", *cmd], env=env, capture_output=True,
-                              text=True, timeout=900, check=False)  # fmt: skip
-        assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}"
-    found = shutil.which("promtool")
-    assert found, "the prometheus package did not provide promtool"
-    return found
-
-
 def test_promtool_accepts_a_real_scrape(traffic: tuple[ServerThread, dict]) -> None:
     srv, _ = traffic
     text = _scrape(srv)
@@ -122,7 +101,7 @@ def test_promtool_accepts_a_real_scrape(traffic: tuple[ServerThread, dict]) -> N
                  "guard_queue_depth", "guard_inflight_requests", "guard_build_info",
                  "guard_inferences_total", "guard_statistic_bucket"):  # fmt: skip
         assert f"\n{name}" in text, name
-    check = subprocess.run([_promtool(), "check", "metrics"], input=text, capture_output=True,
+    check = subprocess.run([promtool(), "check", "metrics"], input=text, capture_output=True,
                            text=True, timeout=60, check=False)  # fmt: skip
     assert check.returncode == 0, check.stdout + check.stderr
     assert not check.stdout.strip() and not check.stderr.strip(), check.stdout + check.stderr
