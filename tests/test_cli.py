@@ -202,3 +202,45 @@ def test_empirical_null_too_small_to_flag(tmp_path: Path) -> None:
     code, _, err = run_cli(_tiny_args(out, "--null", "empirical"))
     _assert_one_line_error(code, err, "empirical null", "48")
     _nothing_written(tmp_path, out)
+
+
+@pytest.mark.slow
+def test_torchvision_arch_with_normalisation_on_an_image_folder(tmp_path: Path) -> None:
+    """The path a user of a torchvision model takes: --arch + state_dict, --mean/--std folded
+    into both graphs, clean data as an ImageFolder of PNG files."""
+    import json
+
+    import onnxruntime as ort
+    import torchvision
+    from PIL import Image
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=3).eval()
+    torch.save(model.state_dict(), tmp_path / "r18.pt")
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog", "fox"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(8):
+            pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / c / f"{i}.png")
+    out = tmp_path / "art"
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    code, _, err = run_cli(
+        ["calibrate", "--arch", "resnet18", "--weights", str(tmp_path / "r18.pt"),
+         "--mean", ",".join(map(str, mean)), "--std", ",".join(map(str, std)),
+         "--data", str(tmp_path / "data"), "--min-per-class", "8", "--objective", "mmom",
+         "--out", str(out), "--quiet", "--max-iters", "3", "--min-iters", "3",
+         "--mmbd-steps", "5", "--starts-per-class", "2"]
+    )  # fmt: skip
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["normalization"]["mean"] == list(mean)
+    assert manifest["class_names"] == ["cat", "dog", "fox"]
+    assert len(manifest["bounds"]) == 17
+    # the exported original graph takes [0,1] pixels and normalises inside
+    x = rng.random((2, 3, 32, 32), dtype=np.float32)
+    want = model((torch.from_numpy(x) - torch.tensor(mean).view(1, 3, 1, 1))
+                 / torch.tensor(std).view(1, 3, 1, 1)).detach().numpy()  # fmt: skip
+    sess = ort.InferenceSession(str(out / "original.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input": x})[0]
+    assert np.max(np.abs(got - want)) <= 1e-4
