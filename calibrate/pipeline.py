@@ -186,6 +186,10 @@ def _bound_summary(net: BoundedNetwork, init: list[torch.Tensor]) -> list[dict[s
 def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
     cfg = job.config
     t0 = time.perf_counter()
+    if job.out.exists() and not job.force:  # say so now, not after minutes of work
+        raise CalibrationError(
+            f"output directory {job.out} already exists (use --force to replace)"
+        )
     torch.manual_seed(cfg.seed)
     clean = load_clean_set(job.data, min_per_class=job.min_per_class, image_size=job.image_size)
     k = len(clean.class_names)
