@@ -17,15 +17,20 @@ from calibrate.errors import CalibrationError
 from guard.artifact import MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, NETWORK_FILES, sha256_file
 
 
+def check_output(out: Path, force: bool) -> None:
+    """`out` may be created: it does not exist, or force allows replacing a directory."""
+    if out.exists() and not force:
+        raise CalibrationError(f"output directory {out} already exists (use --force to replace)")
+    if out.exists() and not out.is_dir():
+        raise CalibrationError(f"output path {out} exists and is not a directory")
+
+
 @contextlib.contextmanager
 def staging_dir(out: Path, force: bool) -> Iterator[Path]:
     """Yield an empty temporary directory next to `out`; on success it replaces `out`
     (only with force if `out` exists); on any failure it is removed."""
     out = Path(out)
-    if out.exists() and not force:
-        raise CalibrationError(f"output directory {out} already exists (use --force to replace)")
-    if out.exists() and not out.is_dir():
-        raise CalibrationError(f"output path {out} exists and is not a directory")
+    check_output(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -42,9 +42,9 @@ def heldout_figures(
     if g.shape[0] < 4:
         raise ValueError(f"need at least 4 held-out images for the figures, got {g.shape[0]}")
     c, cz = g.argmax(axis=1), gz.argmax(axis=1)
-    labels, flagged = cross_fitted_decisions(g, gz, cfg, cfg.flag_on_disagreement)
-    _, flagged_dis = cross_fitted_decisions(g, gz, cfg, True)
-    _, flagged_plain = cross_fitted_decisions(g, gz, cfg, False)
+    by_rule = {dis: cross_fitted_decisions(g, gz, cfg, dis) for dis in (False, True)}
+    labels, flagged = by_rule[cfg.flag_on_disagreement]
+    flagged_plain, flagged_dis = by_rule[False][1], by_rule[True][1]
     return {
         "n": int(y.size),
         "accuracy_original": float(np.mean(c == y)),

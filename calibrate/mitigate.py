@@ -100,8 +100,7 @@ def learn_bounds(
     if cfg.objective == "mmac":
         agree_with = reference.argmax(dim=1)
     else:
-        with torch.no_grad():
-            agree_with = _chunked_logits(original, images, cfg.batch_size).argmax(dim=1)
+        agree_with = batched_logits(original, images, cfg.batch_size).argmax(dim=1)
     result = MitigationResult()
     if initial_maxima is not None:  # already ascended (warm start)
         x_max, k_max = initial_maxima[0].detach().clone(), initial_maxima[1]
@@ -181,5 +180,9 @@ def _descent_step(
     }
 
 
-def _chunked_logits(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, bs: int):
-    return torch.cat([net(x[i : i + bs]) for i in range(0, x.shape[0], bs)])
+def batched_logits(
+    net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, bs: int
+) -> torch.Tensor:
+    """Logits of `net` on `x` in chunks of `bs`, without autograd."""
+    with torch.no_grad():
+        return torch.cat([net(x[i : i + bs]) for i in range(0, x.shape[0], bs)])

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from calibrate.artifact import library_versions, staging_dir, write_manifest
+from calibrate.artifact import check_output, library_versions, staging_dir, write_manifest
 from calibrate.ascent import AscentSettings, maximize_margins, random_starts
 from calibrate.bounded import BoundedNetwork, Normalized
 from calibrate.config import CalibrationConfig
@@ -23,7 +23,7 @@ from calibrate.dataset import CleanSet, load_clean_set, split_clean_set
 from calibrate.errors import CalibrationError
 from calibrate.evaluation import heldout_figures
 from calibrate.export import MAX_ABS_DIFF, OPSET, export_verified
-from calibrate.mitigate import MitigationResult, learn_bounds
+from calibrate.mitigate import MitigationResult, batched_logits, learn_bounds
 from calibrate.mmbd import verdict
 from calibrate.modelsrc import ModelSource, count_output_classes, load_model
 from calibrate.progress import Progress
@@ -76,11 +76,6 @@ def _prepare_model(job: CalibrationJob, clean: CleanSet) -> nn.Module:
     return model
 
 
-def _logits(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, bs: int) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([net(x[i : i + bs]) for i in range(0, x.shape[0], bs)])
-
-
 def _check_finite(logits: torch.Tensor, what: str) -> None:
     bad = (~torch.isfinite(logits)).any(dim=1).nonzero()
     if bad.numel():
@@ -112,6 +107,12 @@ def _learning_set(
     return x[keep], logits[keep], int((~keep).sum())
 
 
+def _mmbd_ascent(cfg: CalibrationConfig, steps: int) -> AscentSettings:
+    """SPEC 5's ascent: the schedule's optimiser, stopped when the relative change < 1e-5."""
+    s = cfg.schedule
+    return AscentSettings(steps, s.ascent_lr, s.ascent_optimizer, rel_tol=1e-5)
+
+
 def _max_margins(
     net: Callable[[torch.Tensor], torch.Tensor],
     starts: tuple[torch.Tensor, torch.Tensor],
@@ -123,9 +124,7 @@ def _max_margins(
     """r_k: the best margin over the starts of class k after at most `steps` ascent steps,
     stopping when the summed margin changes by less than 1e-5 relatively (SPEC 5). Also returns
     the final points."""
-    s = cfg.schedule
-    settings = AscentSettings(steps, s.ascent_lr, s.ascent_optimizer, rel_tol=1e-5)
-    x, m = maximize_margins(net, starts[0], starts[1], settings, on_step=progress.tick)
+    x, m = maximize_margins(net, *starts, _mmbd_ascent(cfg, steps), on_step=progress.tick)
     return m.view(k, -1).amax(dim=1).numpy().astype(np.float64), x
 
 
@@ -144,9 +143,8 @@ def _original_maxima(
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     starts = random_starts(k, n, chw, gen)
     with Progress("MM-BD max margins", cfg.mmbd_steps, quiet) as bar:
-        s = cfg.schedule
-        settings = AscentSettings(cfg.mmbd_steps, s.ascent_lr, s.ascent_optimizer, rel_tol=1e-5)
-        x, m = maximize_margins(model, starts[0], starts[1], settings, on_step=bar.tick)
+        settings = _mmbd_ascent(cfg, cfg.mmbd_steps)
+        x, m = maximize_margins(model, *starts, settings, on_step=bar.tick)
     r = m.view(k, n)[:, : cfg.mmbd_starts].amax(dim=1).numpy().astype(np.float64)
     return r, (x, starts[1])
 
@@ -186,10 +184,7 @@ def _bound_summary(net: BoundedNetwork, init: list[torch.Tensor]) -> list[dict[s
 def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
     cfg = job.config
     t0 = time.perf_counter()
-    if job.out.exists() and not job.force:  # say so now, not after minutes of work
-        raise CalibrationError(
-            f"output directory {job.out} already exists (use --force to replace)"
-        )
+    check_output(job.out, job.force)  # say so now, not after minutes of work
     torch.manual_seed(cfg.seed)
     clean = load_clean_set(job.data, min_per_class=job.min_per_class, image_size=job.image_size)
     k = len(clean.class_names)
@@ -197,7 +192,7 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
     learn, held = split_clean_set(clean, cfg.heldout_fraction, cfg.seed)
     _check_null_size(cfg, int(held.labels.size))
     x_learn = torch.from_numpy(learn.images)
-    learn_logits = _logits(model, x_learn, cfg.batch_size)
+    learn_logits = batched_logits(model, x_learn, cfg.batch_size)
     _check_finite(learn_logits, "learning")
     x_d, ref, dropped = _learning_set(cfg, learn, learn_logits)
     per_class = cfg.starts_per_class or int(min(learn.per_class_counts()))
@@ -231,9 +226,9 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
 
     t = time.perf_counter()
     x_held = torch.from_numpy(held.images)
-    g_held = _logits(model, x_held, cfg.batch_size)
+    g_held = batched_logits(model, x_held, cfg.batch_size)
     _check_finite(g_held, "held-out")
-    gz_held = _logits(net, x_held, cfg.batch_size)
+    gz_held = batched_logits(net, x_held, cfg.batch_size)
     stats = statistic(g_held.numpy(), gz_held.numpy())
     null = fit_null(stats, cfg.null)
     figures = heldout_figures(g_held.numpy(), gz_held.numpy(), held.labels, cfg)

@@ -92,7 +92,7 @@ def fit_null(clean_stats: np.ndarray, kind: NullKind = "gaussian") -> Null:
     sigma = float(s.std(ddof=1))
     if kind == "gaussian" and sigma <= 0:
         raise ValueError("clean statistics are all equal: a Gaussian null has zero width")
-    samples = tuple(float(v) for v in np.sort(s)) if kind == "empirical" else ()
+    samples = tuple(float(v) for v in s) if kind == "empirical" else ()  # Null sorts them
     return Null(kind=kind, mu=mu, sigma=sigma, samples=samples)
 
 
