@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from calibrate.cifar_resnet import DEFAULT_WIDTH, CifarResNet18, cifar_resnet18
+
 DEFAULT_TARGET = 0
 DEFAULT_RATE = 0.05
-DEFAULT_WIDTH = 16
 DEFAULT_EPOCHS = 10
 DEFAULT_SEED = 0
 BATCH_SIZE = 128
@@ -99,68 +100,6 @@ def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
     with open(tmp, "wb") as fh:
         np.savez(fh, **arrays)
     os.replace(tmp, path)
-
-
-# --------------------------------------------------------------------------------------------
-# Model
-# --------------------------------------------------------------------------------------------
-
-
-class BasicBlock(nn.Module):
-    """ResNet basic block; two ReLU call sites (after bn1 and after the residual add)."""
-
-    def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_ch)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_ch)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or in_ch != out_ch:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(out_ch),
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
-
-
-class CifarResNet18(nn.Module):
-    """Standard CIFAR ResNet-18 (3x3 stem, no max-pool) with channel width ``width, 2w, 4w, 8w``.
-
-    It takes raw [0, 1] pixels (no normalisation layer), so a guard sees exactly what the
-    classifier sees. There are exactly 17 ReLU call sites: the stem plus two per block.
-    """
-
-    def __init__(self, num_classes: int = 10, width: int = DEFAULT_WIDTH) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, width, 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        channels = [width, 2 * width, 4 * width, 8 * width]
-        strides = [1, 2, 2, 2]
-        in_ch = width
-        stages = []
-        for out_ch, stride in zip(channels, strides, strict=True):
-            stages.append(
-                nn.Sequential(BasicBlock(in_ch, out_ch, stride), BasicBlock(out_ch, out_ch, 1))
-            )
-            in_ch = out_ch
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.linear = nn.Linear(8 * width, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        out = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
-        return self.linear(out)
-
-
-def cifar_resnet18(num_classes: int = 10, width: int = DEFAULT_WIDTH) -> CifarResNet18:
-    """Factory referenced by name (``benchmarks.cifar:cifar_resnet18``) in model specs."""
-    return CifarResNet18(num_classes=num_classes, width=width)
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,8 +203,13 @@ def _train_epoch(
     sched: torch.optim.lr_scheduler.LRScheduler,
     gen: torch.Generator,
     max_batches: int | None = None,
+    bf16: bool = False,
 ) -> float:
-    """One pass over a shuffled training set; returns the mean loss."""
+    """One pass over a shuffled training set; returns the mean loss.
+
+    With ``bf16`` the forward pass runs under CPU bfloat16 autocast (weights and optimiser stay
+    float32) on channels-last tensors: 2.7x faster per batch than float32 NCHW on this CPU.
+    """
     model.train()
     order = torch.randperm(len(xs), generator=gen)
     total, count = 0.0, 0
@@ -274,7 +218,11 @@ def _train_epoch(
             break
         idx = order[start : start + BATCH_SIZE]
         inputs = _augment(_to_float(xs[idx]), gen)
-        loss = F.cross_entropy(model(inputs), ys[idx])
+        if bf16:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(inputs)
+        loss = F.cross_entropy(out.float(), ys[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -282,6 +230,41 @@ def _train_epoch(
         total += loss.item() * len(idx)
         count += len(idx)
     return total / max(count, 1)
+
+
+def fit(
+    x_uint8_nhwc: np.ndarray,
+    y: np.ndarray,
+    width: int = DEFAULT_WIDTH,
+    epochs: int = DEFAULT_EPOCHS,
+    seed: int = DEFAULT_SEED,
+    num_classes: int = 10,
+    progress: ProgressFn | None = None,
+    bf16: bool = True,
+) -> tuple[CifarResNet18, float]:
+    """Train a CIFAR ResNet-18 on (already poisoned) uint8 images; returns (model, seconds).
+
+    The model comes back in float32, contiguous NCHW memory format and eval mode, exactly as a
+    user would hand it to ``mmguard calibrate``.
+    """
+    torch.set_num_threads(NUM_THREADS)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    xs, ys = _nchw(x_uint8_nhwc), torch.from_numpy(np.asarray(y, dtype=np.int64))
+    model = cifar_resnet18(num_classes=num_classes, width=width)
+    if bf16:
+        model = model.to(memory_format=torch.channels_last)
+    steps = (len(xs) + BATCH_SIZE - 1) // BATCH_SIZE
+    opt, sched = _make_optimizer(model, epochs, steps)
+    t0 = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        t_ep = time.perf_counter()
+        loss = _train_epoch(model, xs, ys, opt, sched, gen, bf16=bf16)
+        if progress is not None:
+            progress(epoch, loss, time.perf_counter() - t_ep)
+    seconds = time.perf_counter() - t0
+    model = model.to(memory_format=torch.contiguous_format)
+    return model.eval(), seconds
 
 
 def _make_optimizer(

@@ -1,0 +1,75 @@
+"""Pure numpy metrics for the evaluation: AUROC, ROC curve, STRIP's entropy and its threshold.
+
+No I/O and no model here, so each function has a known-answer test (tests/test_evalmetrics.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import rankdata
+
+
+def auroc(negative_scores: np.ndarray, positive_scores: np.ndarray) -> float:
+    """Probability that a random positive scores above a random negative (ties count half).
+
+    The Mann-Whitney U statistic over the pooled ranks; higher scores mean "more suspicious".
+    """
+    neg = np.asarray(negative_scores, dtype=np.float64).ravel()
+    pos = np.asarray(positive_scores, dtype=np.float64).ravel()
+    if neg.size == 0 or pos.size == 0:
+        raise ValueError("AUROC needs at least one negative and one positive score")
+    ranks = rankdata(np.concatenate([neg, pos]))
+    u = ranks[neg.size :].sum() - pos.size * (pos.size + 1) / 2.0
+    return float(u / (neg.size * pos.size))
+
+
+def roc_curve(
+    negative_scores: np.ndarray, positive_scores: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(false-positive rates, true-positive rates) for every threshold "score >= t", from (0, 0)
+    to (1, 1)."""
+    neg = np.sort(np.asarray(negative_scores, dtype=np.float64).ravel())
+    pos = np.sort(np.asarray(positive_scores, dtype=np.float64).ravel())
+    thresholds = np.unique(np.concatenate([neg, pos]))[::-1]
+    fpr = neg.size - np.searchsorted(neg, thresholds, side="left")
+    tpr = pos.size - np.searchsorted(pos, thresholds, side="left")
+    fpr = np.concatenate([[0.0], fpr / neg.size])
+    tpr = np.concatenate([[0.0], tpr / pos.size])
+    return fpr, tpr
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def strip_entropy(blend_logits: np.ndarray) -> np.ndarray:
+    """STRIP's score per input: the mean Shannon entropy (bits) of the softmax over its blends.
+
+    ``blend_logits`` is (inputs, blends, classes). A trojaned input keeps its (target) class
+    whatever it is blended with, so its entropy is low.
+    """
+    p = softmax(blend_logits)
+    h = -np.sum(p * np.log2(np.clip(p, 1e-300, None)), axis=-1)
+    return h.mean(axis=-1)
+
+
+def strip_blend(x: np.ndarray, backgrounds: np.ndarray) -> np.ndarray:
+    """STRIP's superimposition (``cv2.addWeighted(bg, 1, x, 1, 0)``): saturating uint8 sum.
+
+    x: (H, W, C) uint8; backgrounds: (B, H, W, C) uint8 -> (B, H, W, C) uint8.
+    """
+    total = np.asarray(backgrounds, dtype=np.int16) + np.asarray(x, dtype=np.int16)[None]
+    return np.clip(total, 0, 255).astype(np.uint8)
+
+
+def low_tail_threshold(clean_scores: np.ndarray, fpr: float) -> float:
+    """Threshold t such that flagging ``score < t`` flags at most a fraction ``fpr`` of the clean
+    scores it was set on (the empirical lower quantile; STRIP flags low entropy)."""
+    s = np.sort(np.asarray(clean_scores, dtype=np.float64).ravel())
+    if s.size == 0:
+        raise ValueError("no clean scores to set the threshold on")
+    k = int(np.floor(fpr * s.size))
+    return float(s[k]) if k < s.size else float(np.inf)

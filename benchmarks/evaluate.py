@@ -1,0 +1,403 @@
+"""Evaluate the guard, and STRIP beside it, on the CIFAR-10 models of ``benchmarks.train_models``.
+
+Run from the repository root::
+
+    .venv/bin/python -m benchmarks.evaluate run clean badnets blended wanet sig chessboard
+    .venv/bin/python -m benchmarks.evaluate run longtail step     # MMOM on class imbalance
+    .venv/bin/python -m benchmarks.evaluate table                 # markdown tables of all results
+
+For each model: the test split is divided, seeded, into a clean balanced calibration set (50 per
+class, the same images as ``benchmarks.calibration``), a clean STRIP split (500 images: STRIP's
+blend backgrounds and the set its threshold is chosen on) and the evaluation set (the other 9000).
+``mmguard calibrate`` runs with its defaults on the calibration set (or ``--artifact`` names an
+artifact to score instead), and then everything is measured from the exported ONNX files and the
+manifest alone, in onnxruntime, with the guard's own decision code (``guard.mmdf.decide``):
+
+- clean accuracy and attack success rate, undefended and guarded; triggered inputs restored to
+  their true class; detection TPR and clean FPR; each with the disagreement rule off and on;
+- AUROC of the MMDF statistic (clean vs triggered) and of STRIP's entropy on the same 1000 clean
+  and 1000 triggered evaluation images; STRIP flags at the threshold that gives the same nominal
+  FPR (the manifest's alpha) on the STRIP split, never on the images it is scored on;
+- forward passes per input: 2 for the guard (original and bounded network), 1 + 64 for STRIP.
+
+Imbalanced models (``longtail``, ``step``) are calibrated with ``--objective mmom`` and scored by
+the bounded network's accuracy, overall and per class, against the original's.
+
+Results go to ``CACHE/eval/NAME/results.json``; figures (ROC curves, statistic histograms) to
+``docs/figures/``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.attacks import ATTACKS, Attack
+from benchmarks.evalmetrics import (
+    auroc,
+    low_tail_threshold,
+    roc_curve,
+    strip_blend,
+    strip_entropy,
+)
+from benchmarks.train_models import IMBALANCED, NAMES, model_paths
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FACTORY = "benchmarks.cifar:cifar_resnet18"
+CALIB_PER_CLASS = 50
+STRIP_SPLIT = 500
+STRIP_BLENDS = 64
+STRIP_SCORED = 1000
+"""Clean and triggered evaluation images each that STRIP (65 forward passes each) is scored on."""
+EVAL_ATTACK = "badnets"
+"""The trigger shown to the attack-free model, to measure what the detector does on it."""
+
+
+def split_test(y: np.ndarray, seed: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(calibration, STRIP split, evaluation) indices into the test split, disjoint and sorted."""
+    rng = np.random.default_rng(seed)
+    calib = np.concatenate(
+        [rng.choice(np.flatnonzero(y == k), CALIB_PER_CLASS, replace=False) for k in np.unique(y)]
+    )
+    rest = np.setdiff1d(np.arange(y.size), calib)
+    strip = np.random.default_rng(seed + 1).choice(rest, STRIP_SPLIT, replace=False)
+    evaluation = np.setdiff1d(rest, strip)
+    return np.sort(calib), np.sort(strip), evaluation
+
+
+def to_float(x_uint8_nhwc: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x_uint8_nhwc.transpose(0, 3, 1, 2), dtype=np.float32) / 255.0
+
+
+def calibrate(weights: Path, data_npz: Path, out: Path, name: str, objective: str) -> float:
+    """``mmguard calibrate`` with its defaults (and ``--objective``); returns the wall seconds."""
+    from calibrate.cli import config_from_args
+    from calibrate.modelsrc import ModelSource
+    from calibrate.pipeline import CalibrationJob, run_calibration
+    from guard.cli import build_parser
+
+    argv = ["calibrate", "--factory", FACTORY, "--weights", str(weights), "--data", str(data_npz)]
+    argv += ["--out", str(out), "--objective", objective]
+    cfg = config_from_args(build_parser().parse_args(argv))
+    job = CalibrationJob(
+        model=ModelSource(factory=FACTORY, weights=weights),
+        data=data_npz,
+        out=out,
+        name=f"cifar10-{name}",
+        config=cfg,
+        force=True,
+        quiet=True,
+    )
+    t = time.perf_counter()
+    run_calibration(job)
+    return time.perf_counter() - t
+
+
+def batched(fn: Any, x: np.ndarray, bs: int = 500) -> Any:
+    """Apply ``fn`` (returning an array or a tuple of arrays) in chunks and concatenate."""
+    parts = [fn(x[i : i + bs]) for i in range(0, len(x), bs)]
+    if isinstance(parts[0], tuple):
+        return tuple(np.concatenate(p) for p in zip(*parts, strict=True))
+    return np.concatenate(parts)
+
+
+def guard_figures(
+    g: np.ndarray,
+    gz: np.ndarray,
+    y: np.ndarray,
+    tg: np.ndarray,
+    tgz: np.ndarray,
+    ty: np.ndarray,
+    attacker: np.ndarray,
+    art: Any,
+) -> dict[str, Any]:
+    """Undefended and guarded figures on clean (g, gz, y) and triggered (tg, tgz, ty) inputs."""
+    from guard.mmdf import DecisionRule, decide
+
+    out: dict[str, Any] = {
+        "undefended_clean_accuracy": float(np.mean(g.argmax(1) == y)),
+        "undefended_asr": float(np.mean(tg.argmax(1) == attacker)),
+        "undefended_restored": float(np.mean(tg.argmax(1) == ty)),
+    }
+    for tag, dis in (("p", False), ("p_dis", True)):
+        rule = DecisionRule(art.rule.alpha, flag_on_disagreement=dis)
+        clean, trig = decide(g, gz, art.null, rule), decide(tg, tgz, art.null, rule)
+        out[tag] = {
+            "clean_accuracy": float(np.mean(clean.label == y)),
+            "fpr": float(np.mean(clean.flagged)),
+            "asr": float(np.mean(trig.label == attacker)),
+            "restored": float(np.mean(trig.label == ty)),
+            "tpr": float(np.mean(trig.flagged)),
+        }
+    return out
+
+
+def strip_scores(
+    original: Any,
+    x: np.ndarray,
+    pool: np.ndarray,
+    rng: np.random.Generator,
+    exclude_self: bool = False,
+) -> np.ndarray:
+    """STRIP entropy of each image in x, each blended with STRIP_BLENDS images drawn from pool.
+
+    With ``exclude_self`` x is the pool itself, and image i is never blended with itself.
+    """
+    out = np.empty(len(x))
+    chunk = 16
+    for start in range(0, len(x), chunk):
+        blends, rows = [], range(start, min(start + chunk, len(x)))
+        for i in rows:
+            choices = np.arange(len(pool))
+            if exclude_self:
+                choices = choices[choices != i]
+            bg = pool[rng.choice(choices, STRIP_BLENDS, replace=False)]
+            blends.append(strip_blend(x[i], bg))
+        logits = original(to_float(np.concatenate(blends)))
+        out[start : start + len(rows)] = strip_entropy(logits.reshape(len(rows), STRIP_BLENDS, -1))
+    return out
+
+
+def evaluate_attack(
+    name: str,
+    art_dir: Path,
+    data: dict[str, np.ndarray],
+    idx: tuple[np.ndarray, ...],
+    fig_dir: Path,
+) -> dict[str, Any]:
+    from guard.artifact import load_artifact
+    from guard.engine import GuardEngine
+
+    _, strip_idx, eval_idx = idx
+    attack: Attack = ATTACKS.get(name, ATTACKS[EVAL_ATTACK])
+    art = load_artifact(art_dir)
+    engine = GuardEngine(art, "cpu", threads=2)
+    x, y = data["x_test"][eval_idx], data["y_test"][eval_idx]
+    mask = attack.eval_mask(y)
+    tx, ty = attack.trigger(x[mask]), y[mask]
+    attacker = attack.attacker_labels(ty)
+    t = time.perf_counter()
+    g, gz = batched(lambda b: engine.logits(to_float(b)), x)
+    tg, tgz = batched(lambda b: engine.logits(to_float(b)), tx)
+    guard_s = time.perf_counter() - t
+    res = guard_figures(g, gz, y, tg, tgz, ty, attacker, art)
+    res.update(
+        attack=attack.record() | {"trigger_shown_to_clean_model": name not in ATTACKS},
+        eval_clean=len(y),
+        eval_triggered=len(ty),
+        alpha=art.rule.alpha,
+        provider=engine.providers[0],
+        guard_forward_passes_per_input=2,
+        strip_forward_passes_per_input=1 + STRIP_BLENDS,
+        guard_seconds=round(guard_s, 1),
+    )
+    from guard.mmdf import statistic
+
+    d_clean, d_trig = statistic(g, gz), statistic(tg, tgz)
+    res["auroc_guard_full"] = auroc(d_clean, d_trig)
+
+    # STRIP on the same subset the guard's AUROC is compared on.
+    rng = np.random.default_rng(7)
+    sc = rng.choice(len(y), min(STRIP_SCORED, len(y)), replace=False)
+    st = rng.choice(len(ty), min(STRIP_SCORED, len(ty)), replace=False)
+    pool = data["x_test"][strip_idx]
+    t = time.perf_counter()
+    h_split = strip_scores(engine.original_logits, pool, pool, rng, exclude_self=True)
+    h_clean = strip_scores(engine.original_logits, x[sc], pool, rng)
+    h_trig = strip_scores(engine.original_logits, tx[st], pool, rng)
+    strip_s = time.perf_counter() - t
+    thr = low_tail_threshold(h_split, art.rule.alpha)
+    res["strip"] = {
+        "threshold_bits": thr,
+        "fpr": float(np.mean(h_clean < thr)),
+        "tpr": float(np.mean(h_trig < thr)),
+        "auroc": auroc(-h_clean, -h_trig),
+        "seconds": round(strip_s, 1),
+        "scored_clean": len(sc),
+        "scored_triggered": len(st),
+    }
+    res["auroc_guard_subset"] = auroc(d_clean[sc], d_trig[st])
+    plot_attack(name, fig_dir, d_clean, d_trig, (d_clean[sc], d_trig[st]), (-h_clean, -h_trig))
+    return res
+
+
+def evaluate_mmom(
+    name: str, art_dir: Path, data: dict[str, np.ndarray], idx: tuple[np.ndarray, ...]
+) -> dict[str, Any]:
+    """Accuracy of the original and the MMOM-bounded network on the test split minus calibration."""
+    from guard.artifact import load_artifact
+    from guard.engine import GuardEngine
+
+    _, strip_idx, eval_idx = idx
+    keep = np.sort(np.concatenate([strip_idx, eval_idx]))
+    x, y = data["x_test"][keep], data["y_test"][keep]
+    engine = GuardEngine(load_artifact(art_dir), "cpu", threads=2)
+    g, gz = batched(lambda b: engine.logits(to_float(b)), x)
+    pred, pred_z = g.argmax(1), gz.argmax(1)
+    classes = np.unique(y)
+    return {
+        "eval_images": len(y),
+        "undefended_accuracy": float(np.mean(pred == y)),
+        "mmom_accuracy": float(np.mean(pred_z == y)),
+        "undefended_per_class": [float(np.mean(pred[y == c] == c)) for c in classes],
+        "mmom_per_class": [float(np.mean(pred_z[y == c] == c)) for c in classes],
+    }
+
+
+def plot_attack(
+    name: str,
+    fig_dir: Path,
+    d_clean: np.ndarray,
+    d_trig: np.ndarray,
+    guard_subset: tuple[np.ndarray, np.ndarray],
+    strip_subset: tuple[np.ndarray, np.ndarray],
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
+    for label, (neg, pos) in (("MMDF statistic", guard_subset), ("STRIP -entropy", strip_subset)):
+        fpr, tpr = roc_curve(neg, pos)
+        ax1.plot(fpr, tpr, label=f"{label} (AUROC {auroc(neg, pos):.3f})")
+    ax1.plot([0, 1], [0, 1], ":", color="grey")
+    ax1.set(xlabel="false-positive rate", ylabel="true-positive rate", title=f"ROC: {name}")
+    ax1.legend(loc="lower right", fontsize=8)
+    lo, hi = np.percentile(np.concatenate([d_clean, d_trig]), [0.5, 99.5])
+    bins = np.linspace(lo, hi, 60)
+    ax2.hist(np.clip(d_clean, lo, hi), bins, alpha=0.6, density=True, label="clean")
+    ax2.hist(np.clip(d_trig, lo, hi), bins, alpha=0.6, density=True, label="triggered")
+    ax2.set(xlabel="MMDF statistic", ylabel="density", title=f"Statistic: {name}")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(fig_dir / f"{name}.png", dpi=80)
+    plt.close(fig)
+
+
+def run(names: list[str], args: argparse.Namespace) -> None:
+    from benchmarks.cifar import load_cifar10
+
+    data = load_cifar10(args.data, args.cache_dir)
+    idx = split_test(data["y_test"])
+    calib_npz = args.cache_dir / "eval" / "calib.npz"
+    calib_npz.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(
+        calib_npz,
+        images=data["x_test"][idx[0]],
+        labels=data["y_test"][idx[0]],
+        class_names=data["class_names"],
+    )
+    for name in names:
+        out_dir = args.cache_dir / "eval" / name
+        weights, record_path = model_paths(args.cache_dir, name)
+        if not weights.exists():
+            print(f"{name}: no trained model at {weights}; skipped", file=sys.stderr)
+            continue
+        art_dir = args.artifact or out_dir / "artifact"
+        objective = "mmom" if name in IMBALANCED else "mmac"
+        result: dict[str, Any] = {"model": json.loads(record_path.read_text())}
+        if args.artifact is None:
+            print(f"{name}: calibrating ({objective}) ...", file=sys.stderr, flush=True)
+            result["calibrate_seconds"] = round(
+                calibrate(weights, calib_npz, art_dir, name, objective), 1
+            )
+        report = json.loads((art_dir / "report.json").read_text())
+        result["mmbd"] = report.get("mmbd")
+        print(f"{name}: evaluating ...", file=sys.stderr, flush=True)
+        if name in IMBALANCED:
+            result["mmom"] = evaluate_mmom(name, art_dir, data, idx)
+        else:
+            result.update(evaluate_attack(name, art_dir, data, idx, args.fig_dir))
+        (out_dir / "results.json").write_text(json.dumps(result, indent=2))
+        print(json.dumps(result), flush=True)
+
+
+def pct(v: float) -> str:
+    return f"{100 * v:.2f}"
+
+
+def table(cache_dir: Path) -> str:
+    """Markdown tables of every results.json under CACHE/eval."""
+    rows = {n: cache_dir / "eval" / n / "results.json" for n in NAMES}
+    res = {n: json.loads(p.read_text()) for n, p in rows.items() if p.exists()}
+    lines = [
+        "| model | undefended clean acc | guarded clean acc (p / p+dis) | undefended ASR "
+        "| guarded ASR (p / p+dis) | restored (p / p+dis) | TPR (p / p+dis) "
+        "| clean FPR (p / p+dis) | AUROC MMDF | AUROC STRIP | STRIP TPR / FPR | MM-BD |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for n, r in res.items():
+        if n in IMBALANCED:
+            continue
+        p, q, s = r["p"], r["p_dis"], r["strip"]
+        mmbd = r.get("mmbd") or {}
+        verdict = (
+            f"{'backdoor, class ' + str(mmbd.get('target')) if mmbd.get('suspected') else 'clean'}"
+            f" (p={mmbd.get('p_value', float('nan')):.2g})"
+        )
+        asr_undef = pct(r["undefended_asr"])
+        lines.append(
+            f"| {n} | {pct(r['undefended_clean_accuracy'])} | {pct(p['clean_accuracy'])} / "
+            f"{pct(q['clean_accuracy'])} | {asr_undef} | {pct(p['asr'])} / {pct(q['asr'])} | "
+            f"{pct(p['restored'])} / {pct(q['restored'])} | {pct(p['tpr'])} / {pct(q['tpr'])} | "
+            f"{pct(p['fpr'])} / {pct(q['fpr'])} | {r['auroc_guard_subset']:.4f} | "
+            f"{s['auroc']:.4f} | {pct(s['tpr'])} / {pct(s['fpr'])} | {verdict} |"
+        )
+    imb = [(n, r) for n, r in res.items() if n in IMBALANCED]
+    if imb:
+        lines += [
+            "",
+            "| model | undefended acc | MMOM acc | gain (points) | per-class undefended "
+            "| per-class MMOM |",
+            "|---|---|---|---|---|---|",
+        ]
+        for n, r in imb:
+            m = r["mmom"]
+            gain = 100 * (m["mmom_accuracy"] - m["undefended_accuracy"])
+            lines.append(
+                f"| {n} | {pct(m['undefended_accuracy'])} | {pct(m['mmom_accuracy'])} | "
+                f"{gain:+.2f} | {' '.join(f'{100 * v:.0f}' for v in m['undefended_per_class'])} "
+                f"| {' '.join(f'{100 * v:.0f}' for v in m['mmom_per_class'])} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="calibrate (unless --artifact) and evaluate models")
+    r.add_argument("names", nargs="+", choices=NAMES)
+    r.add_argument(
+        "--data", type=Path, default=REPO_ROOT.parent / "shared" / "data" / "cifar10_jpg.tar.xz"
+    )
+    r.add_argument("--artifact", type=Path, default=None, help="score this artifact (one model)")
+    r.add_argument("--fig-dir", type=Path, default=REPO_ROOT / "docs" / "figures")
+    for p in (r, sub.add_parser("table", help="print markdown tables of all results")):
+        p.add_argument("--cache-dir", type=Path, default=REPO_ROOT / ".cache" / "bench")
+    args = parser.parse_args(argv)
+    if args.cmd == "table":
+        print(table(args.cache_dir))
+        return 0
+    if args.artifact is not None and len(args.names) != 1:
+        parser.error("--artifact scores one model: name exactly one")
+    import torch
+
+    torch.set_num_threads(2)
+    run(args.names, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Known-answer tests for the evaluation's triggers and poisoning (benchmarks/attacks.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from benchmarks import attacks as A
+
+
+@pytest.fixture
+def images() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)
+
+
+def test_badnets_stamps_a_checkerboard_in_the_corner_only(images: np.ndarray) -> None:
+    out = A.badnets(images)
+    assert out[0, 28, 28].tolist() == [255] * 3 and out[0, 28, 29].tolist() == [0] * 3
+    changed = np.any(out != images, axis=(0, 3))
+    assert not changed[:28].any() and not changed[:, :28].any() and not changed[31].any()
+
+
+def test_blended_is_the_convex_combination(images: np.ndarray) -> None:
+    p = A.blend_pattern(32, 32)
+    want = np.clip(np.rint(0.8 * images.astype(np.float32) + 0.2 * p), 0, 255)
+    np.testing.assert_array_equal(A.blended(images), want.astype(np.uint8))
+
+
+def test_warp_with_the_identity_grid_is_the_identity(images: np.ndarray) -> None:
+    lin = np.linspace(-1, 1, 32)
+    xx, yy = np.meshgrid(lin, lin)
+    np.testing.assert_array_equal(A.warp(images, np.stack([xx, yy], -1)), images)
+
+
+def test_warp_shifts_by_one_pixel() -> None:
+    x = np.arange(16, dtype=np.uint8).reshape(1, 4, 4, 1)
+    lin = np.linspace(-1, 1, 4)
+    xx, yy = np.meshgrid(lin, lin)
+    grid = np.stack([np.clip(xx + 2 / 3, -1, 1), yy], -1)  # one pixel right = 2/(w-1)
+    out = A.warp(x, grid)[0, :, :, 0]
+    np.testing.assert_array_equal(out[:, :3], x[0, :, 1:, 0])
+
+
+def test_wanet_grid_is_a_small_bounded_displacement() -> None:
+    g = A.wanet_grid(32)
+    lin = np.linspace(-1, 1, 32)
+    xx, _ = np.meshgrid(lin, lin)
+    shift_px = np.abs(g[..., 0] - xx) * 31 / 2
+    assert g.min() >= -1 and g.max() <= 1
+    assert 0 < shift_px.max() < 2  # s = 0.5 moves pixels by well under two pixels
+
+
+def test_sig_and_chessboard_known_values(images: np.ndarray) -> None:
+    mid = np.full((1, 4, 32, 3), 128, np.uint8)
+    s = A.sig(mid).astype(int) - 128
+    assert s[0, 0, 0, 0] == 0 and s[0, 0, 4, 0] == round(20 * np.sin(2 * np.pi * 4 * 6 / 32))
+    c = A.chessboard(mid).astype(int) - 128
+    assert c[0, 0, 0, 0] == 3 and c[0, 0, 1, 0] == -3 and c[0, 1, 0, 0] == -3
+
+
+@pytest.mark.parametrize("name", sorted(A.ATTACKS))
+def test_poisoning_follows_the_attack_mode(name: str) -> None:
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, size=(200, 32, 32, 3), dtype=np.uint8)
+    y = np.arange(200) % 10
+    attack = A.ATTACKS[name]
+    x_before, y_before = x.copy(), y.copy()
+    xp, yp, record = attack.poison(x, y, seed=0)
+    np.testing.assert_array_equal(x, x_before)  # the inputs are not modified
+    np.testing.assert_array_equal(y, y_before)
+    poisoned = np.flatnonzero(np.any(xp != x, axis=(1, 2, 3)))
+    assert record["attack"] == name and record["poison_rate"] == 0.1
+    if attack.mode == "clean-label":
+        np.testing.assert_array_equal(yp, y)
+        assert set(y[poisoned]) == {0} and record["n_poisoned"] == 20
+    else:
+        relabelled = np.flatnonzero(yp != y)
+        assert record["n_poisoned"] == 20 and relabelled.size == 20
+        np.testing.assert_array_equal(yp[relabelled], attack.attacker_labels(y[relabelled]))
+    if name == "wanet":
+        assert record["n_noise_mode"] == 40  # cross ratio 2, labels kept
+
+
+def test_attacker_labels_and_eval_mask() -> None:
+    y = np.array([0, 1, 9])
+    assert A.ATTACKS["badnets"].attacker_labels(y).tolist() == [0, 0, 0]
+    assert A.ATTACKS["badnets"].eval_mask(y).tolist() == [False, True, True]
+    assert A.ATTACKS["all2all"].attacker_labels(y).tolist() == [1, 2, 0]
+    assert A.ATTACKS["all2all"].eval_mask(y).all()

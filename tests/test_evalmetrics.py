@@ -1,0 +1,68 @@
+"""Known-answer tests for the evaluation's pure metrics (benchmarks/evalmetrics.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from benchmarks.evalmetrics import (
+    auroc,
+    low_tail_threshold,
+    roc_curve,
+    strip_blend,
+    strip_entropy,
+)
+
+
+def test_auroc_known_answers() -> None:
+    assert auroc(np.array([0.0, 1.0]), np.array([2.0, 3.0])) == 1.0
+    assert auroc(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 0.0
+    # one tie between a negative and a positive counts half: pairs (1,1)=0.5, (1,2)=1, (0,*)=1
+    assert auroc(np.array([0.0, 1.0]), np.array([1.0, 2.0])) == pytest.approx(3.5 / 4)
+    assert auroc(np.ones(5), np.ones(7)) == 0.5
+
+
+def test_auroc_matches_pairwise_count() -> None:
+    rng = np.random.default_rng(0)
+    neg, pos = rng.normal(0, 1, 40), rng.normal(0.7, 1, 30)
+    pairs = (pos[None, :] > neg[:, None]).mean()
+    assert auroc(neg, pos) == pytest.approx(pairs)
+
+
+def test_auroc_refuses_empty_side() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        auroc(np.array([]), np.array([1.0]))
+
+
+def test_roc_curve_area_equals_auroc() -> None:
+    rng = np.random.default_rng(1)
+    neg, pos = rng.normal(0, 1, 200), rng.normal(1, 1, 150)
+    fpr, tpr = roc_curve(neg, pos)
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(auroc(neg, pos))
+
+
+def test_strip_entropy_known_answers() -> None:
+    uniform = np.zeros((1, 3, 4))  # 3 blends, 4 equally likely classes: 2 bits each
+    certain = np.zeros((1, 2, 4))
+    certain[..., 0] = 1000.0  # one class with probability ~1: 0 bits
+    assert strip_entropy(uniform) == pytest.approx([2.0])
+    assert strip_entropy(certain) == pytest.approx([0.0], abs=1e-9)
+
+
+def test_strip_blend_saturates() -> None:
+    x = np.full((2, 2, 3), 200, dtype=np.uint8)
+    bg = np.stack([np.full((2, 2, 3), 10, np.uint8), np.full((2, 2, 3), 100, np.uint8)])
+    out = strip_blend(x, bg)
+    assert out.dtype == np.uint8 and out.shape == (2, 2, 2, 3)
+    assert np.all(out[0] == 210) and np.all(out[1] == 255)
+
+
+def test_low_tail_threshold_flags_at_most_the_nominal_fraction() -> None:
+    scores = np.arange(1000, dtype=float)
+    t = low_tail_threshold(scores, 0.005)
+    assert t == 5.0 and np.sum(scores < t) == 5
+    assert low_tail_threshold(scores, 0.0) == 0.0  # flags nothing
+    with pytest.raises(ValueError, match="no clean scores"):
+        low_tail_threshold(np.array([]), 0.01)
