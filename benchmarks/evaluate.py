@@ -9,16 +9,19 @@ Run from the repository root::
 For each model: the test split is divided, seeded, into a clean balanced calibration set (50 per
 class, the same images as ``benchmarks.calibration``), a clean STRIP split (500 images: STRIP's
 blend backgrounds and the set its threshold is chosen on) and the evaluation set (the other 9000).
-``mmguard calibrate`` runs with its defaults on the calibration set (or ``--artifact`` names an
-artifact to score instead), and then everything is measured from the exported ONNX files and the
-manifest alone, in onnxruntime, with the guard's own decision code (``guard.mmdf.decide``):
+``mmguard calibrate`` runs with its defaults on the calibration set (once: a later run reuses the
+artifact unless ``--recalibrate``; ``--artifact`` names another one to score), and then
+everything is measured from the exported ONNX files and the manifest alone, in onnxruntime,
+with the guard's own decision code (``guard.mmdf.decide``):
 
 - clean accuracy and attack success rate, undefended and guarded; triggered inputs restored to
   their true class; detection TPR and clean FPR; each with the disagreement rule off and on;
 - AUROC of the MMDF statistic (clean vs triggered) and of STRIP's entropy on the same 1000 clean
   and 1000 triggered evaluation images; STRIP flags at the threshold that gives the same nominal
   FPR (the manifest's alpha) on the STRIP split, never on the images it is scored on;
-- forward passes per input: 2 for the guard (original and bounded network), 1 + 64 for STRIP.
+- forward passes per input: 2 for the guard (original and bounded network), 1 + 64 for STRIP;
+- the guarded figures again for every null kind (``gaussian``, ``yeojohnson``, ``empirical``),
+  each fitted on the same held-out clean statistics as the artifact's own null.
 
 Imbalanced models (``longtail``, ``step``) are calibrated with ``--objective mmom`` and scored by
 the bounded network's accuracy, overall and per class, against the original's.
@@ -119,19 +122,17 @@ def guard_figures(
     tgz: np.ndarray,
     ty: np.ndarray,
     attacker: np.ndarray,
-    art: Any,
+    null: Any,
+    alpha: float,
 ) -> dict[str, Any]:
-    """Undefended and guarded figures on clean (g, gz, y) and triggered (tg, tgz, ty) inputs."""
+    """Guarded figures on clean (g, gz, y) and triggered (tg, tgz, ty) inputs under ``null``,
+    with the disagreement rule off (``p``) and on (``p_dis``)."""
     from guard.mmdf import DecisionRule, decide
 
-    out: dict[str, Any] = {
-        "undefended_clean_accuracy": float(np.mean(g.argmax(1) == y)),
-        "undefended_asr": float(np.mean(tg.argmax(1) == attacker)),
-        "undefended_restored": float(np.mean(tg.argmax(1) == ty)),
-    }
+    out: dict[str, Any] = {}
     for tag, dis in (("p", False), ("p_dis", True)):
-        rule = DecisionRule(art.rule.alpha, flag_on_disagreement=dis)
-        clean, trig = decide(g, gz, art.null, rule), decide(tg, tgz, art.null, rule)
+        rule = DecisionRule(alpha, flag_on_disagreement=dis)
+        clean, trig = decide(g, gz, null, rule), decide(tg, tgz, null, rule)
         out[tag] = {
             "clean_accuracy": float(np.mean(clean.label == y)),
             "fpr": float(np.mean(clean.flagged)),
@@ -140,6 +141,14 @@ def guard_figures(
             "tpr": float(np.mean(trig.flagged)),
         }
     return out
+
+
+def null_variants(art_dir: Path) -> dict[str, Any]:
+    """Every null kind fitted on the very held-out clean statistics the artifact's null used."""
+    from guard.mmdf import NULL_KINDS, fit_null
+
+    stats = np.asarray(json.loads((art_dir / "report.json").read_text())["clean_statistics"])
+    return {kind: fit_null(stats, kind) for kind in NULL_KINDS}  # type: ignore[arg-type]
 
 
 def strip_scores(
@@ -190,7 +199,17 @@ def evaluate_attack(
     g, gz = batched(lambda b: engine.logits(to_float(b)), x)
     tg, tgz = batched(lambda b: engine.logits(to_float(b)), tx)
     guard_s = time.perf_counter() - t
-    res = guard_figures(g, gz, y, tg, tgz, ty, attacker, art)
+    res: dict[str, Any] = {
+        "undefended_clean_accuracy": float(np.mean(g.argmax(1) == y)),
+        "undefended_asr": float(np.mean(tg.argmax(1) == attacker)),
+        "undefended_restored": float(np.mean(tg.argmax(1) == ty)),
+        "null": art.null.kind,
+    }
+    res.update(guard_figures(g, gz, y, tg, tgz, ty, attacker, art.null, art.rule.alpha))
+    res["by_null"] = {
+        kind: guard_figures(g, gz, y, tg, tgz, ty, attacker, null, art.rule.alpha)
+        for kind, null in null_variants(art_dir).items()
+    }
     res.update(
         attack=attack.record() | {"trigger_shown_to_clean_model": name not in ATTACKS},
         eval_clean=len(y),
@@ -308,11 +327,17 @@ def run(names: list[str], args: argparse.Namespace) -> None:
         art_dir = args.artifact or out_dir / "artifact"
         objective = "mmom" if name in IMBALANCED else "mmac"
         result: dict[str, Any] = {"model": json.loads(record_path.read_text())}
-        if args.artifact is None:
+        previous = out_dir / "results.json"
+        reuse = args.artifact is not None or (
+            not args.recalibrate and (art_dir / "manifest.json").exists()
+        )
+        if not reuse:
             print(f"{name}: calibrating ({objective}) ...", file=sys.stderr, flush=True)
             result["calibrate_seconds"] = round(
                 calibrate(weights, calib_npz, art_dir, name, objective), 1
             )
+        elif args.artifact is None and previous.exists():
+            result["calibrate_seconds"] = json.loads(previous.read_text()).get("calibrate_seconds")
         report = json.loads((art_dir / "report.json").read_text())
         result["mmbd"] = report.get("mmbd")
         print(f"{name}: evaluating ...", file=sys.stderr, flush=True)
@@ -355,6 +380,18 @@ def table(cache_dir: Path) -> str:
             f"{pct(p['fpr'])} / {pct(q['fpr'])} | {r['auroc_guard_subset']:.4f} | "
             f"{s['auroc']:.4f} | {pct(s['tpr'])} / {pct(s['fpr'])} | {verdict} |"
         )
+    lines += [
+        "",
+        "| model | null | clean FPR | guarded clean acc | guarded ASR | restored | TPR |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for n, r in res.items():
+        for kind, figs in r.get("by_null", {}).items():
+            p = figs["p"]
+            lines.append(
+                f"| {n} | {kind} | {pct(p['fpr'])} | {pct(p['clean_accuracy'])} | "
+                f"{pct(p['asr'])} | {pct(p['restored'])} | {pct(p['tpr'])} |"
+            )
     imb = [(n, r) for n, r in res.items() if n in IMBALANCED]
     if imb:
         lines += [
@@ -383,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
         "--data", type=Path, default=REPO_ROOT.parent / "shared" / "data" / "cifar10_jpg.tar.xz"
     )
     r.add_argument("--artifact", type=Path, default=None, help="score this artifact (one model)")
+    r.add_argument(
+        "--recalibrate", action="store_true", help="calibrate even if CACHE/eval/NAME has one"
+    )
     r.add_argument("--fig-dir", type=Path, default=REPO_ROOT / "docs" / "figures")
     for p in (r, sub.add_parser("table", help="print markdown tables of all results")):
         p.add_argument("--cache-dir", type=Path, default=REPO_ROOT / ".cache" / "bench")

@@ -13,6 +13,7 @@ from typing import Any
 
 from calibrate.config import REFERENCE_SCHEDULE, CalibrationConfig, ScheduleConfig
 from calibrate.errors import CalibrationError
+from guard.mmdf import NULL_KINDS
 
 _SCHEDULE_FLAGS: dict[str, type] = {
     "mm_source": str,
@@ -120,7 +121,7 @@ def _add_method_flags(p: argparse.ArgumentParser) -> None:
         help="MMAC: keep clean images the model gets wrong (default: drop them)",
     )
     m.add_argument("--heldout-fraction", type=float, default=d.heldout_fraction)
-    m.add_argument("--null", choices=["gaussian", "empirical"], default=d.null)
+    m.add_argument("--null", choices=list(NULL_KINDS), default=d.null)
     m.add_argument("--alpha", type=float, default=d.alpha, help="flag when p < alpha")
     m.add_argument("--flag-on-disagreement", action="store_true")
     m.add_argument("--mmbd-starts", type=int, default=d.mmbd_starts)

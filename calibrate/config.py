@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from calibrate.errors import CalibrationError
+from guard.mmdf import NULL_KINDS, NullKind
 
 Objective = Literal["mmac", "mmom"]
 MaximaSource = Literal["bounded", "original"]
@@ -110,8 +111,9 @@ class CalibrationConfig:
     correct_only: bool = True
     # held-out share of the clean set (null + report figures); the rest learns the bounds
     heldout_fraction: float = 0.4
-    # MMDF null: gaussian (default) or empirical (conformal p-values)
-    null: Literal["gaussian", "empirical"] = "gaussian"
+    # MMDF null: gaussian (default, SPEC 4.3), yeojohnson (gaussian of the Yeo-Johnson-transformed
+    # statistic, for a skewed one) or empirical (conformal p-values)
+    null: NullKind = "gaussian"
     # MMDF flags inputs with p < alpha
     alpha: float = 0.005
     # also flag when the original and bounded decisions differ
@@ -138,7 +140,7 @@ class CalibrationConfig:
         _check(0 < self.target_agreement <= 1, "target_agreement", self.target_agreement)
         _check(self.starts_per_class >= 0, "starts_per_class", self.starts_per_class)
         _check(0 < self.heldout_fraction < 1, "heldout_fraction", self.heldout_fraction)
-        _check(self.null in ("gaussian", "empirical"), "null", self.null)
+        _check(self.null in NULL_KINDS, "null", self.null)
         _check(0 < self.alpha < 1, "alpha", self.alpha)
         _check(self.mmbd_starts >= 1, "mmbd_starts", self.mmbd_starts)
         _check(self.mmbd_steps >= 1, "mmbd_steps", self.mmbd_steps)

@@ -13,7 +13,47 @@ from typing import Any, Literal
 import numpy as np
 from scipy.special import ndtr
 
-NullKind = Literal["gaussian", "empirical"]
+NullKind = Literal["gaussian", "yeojohnson", "empirical"]
+NULL_KINDS: tuple[str, ...] = ("gaussian", "yeojohnson", "empirical")
+
+
+def yeo_johnson(x: np.ndarray, lmbda: float) -> np.ndarray:
+    """The Yeo-Johnson power transform (monotone increasing, defined for every real x):
+
+    x >= 0: ((x + 1)^l - 1) / l  (log1p(x) when l = 0);
+    x < 0:  -((1 - x)^(2 - l) - 1) / (2 - l)  (-log1p(-x) when l = 2).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    pos = x >= 0
+    out = np.empty_like(x)
+    xp, xn = x[pos], x[~pos]
+    if abs(lmbda) < 1e-12:
+        out[pos] = np.log1p(xp)
+    else:
+        out[pos] = np.expm1(lmbda * np.log1p(xp)) / lmbda
+    if abs(lmbda - 2.0) < 1e-12:
+        out[~pos] = -np.log1p(-xn)
+    else:
+        out[~pos] = -np.expm1((2.0 - lmbda) * np.log1p(-xn)) / (2.0 - lmbda)
+    return out
+
+
+def yeo_johnson_inverse(y: np.ndarray, lmbda: float) -> np.ndarray:
+    """The inverse of :func:`yeo_johnson` (where the transform's range allows one)."""
+    y = np.asarray(y, dtype=np.float64)
+    pos = y >= 0
+    out = np.empty_like(y)
+    yp, yn = y[pos], y[~pos]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if abs(lmbda) < 1e-12:
+            out[pos] = np.expm1(yp)
+        else:
+            out[pos] = np.expm1(np.log1p(lmbda * yp) / lmbda)
+        if abs(lmbda - 2.0) < 1e-12:
+            out[~pos] = -np.expm1(-yn)
+        else:
+            out[~pos] = -np.expm1(np.log1p(-(2.0 - lmbda) * yn) / (2.0 - lmbda))
+    return out
 
 
 def masked_margin(logits: np.ndarray, k: np.ndarray) -> np.ndarray:
@@ -47,21 +87,26 @@ def statistic(original_logits: np.ndarray, bounded_logits: np.ndarray) -> np.nda
 
 @dataclass(frozen=True)
 class Null:
-    """The clean-input distribution of d. `gaussian`: N(mu, sigma^2); `empirical`: the sorted
-    held-out clean statistics, used for a conformal p-value."""
+    """The clean-input distribution of d. `gaussian`: N(mu, sigma^2) of d (SPEC 4.3);
+    `yeojohnson`: N(mu, sigma^2) of the Yeo-Johnson transform of d with exponent `lmbda` fitted
+    by maximum likelihood, for a skewed clean statistic; `empirical`: the sorted held-out clean
+    statistics, used for a conformal p-value."""
 
     kind: NullKind
     mu: float
     sigma: float
     samples: tuple[float, ...] = ()
+    lmbda: float = 1.0  # Yeo-Johnson exponent; 1 is the identity transform
 
     def __post_init__(self) -> None:
-        if self.kind not in ("gaussian", "empirical"):
-            raise ValueError(f"null kind must be 'gaussian' or 'empirical', got {self.kind!r}")
+        if self.kind not in NULL_KINDS:
+            raise ValueError(f"null kind must be one of {NULL_KINDS}, got {self.kind!r}")
         if not (math.isfinite(self.mu) and math.isfinite(self.sigma)):
             raise ValueError(f"null mu and sigma must be finite, got {self.mu}, {self.sigma}")
-        if self.kind == "gaussian" and self.sigma <= 0:
-            raise ValueError(f"gaussian null needs sigma > 0, got {self.sigma}")
+        if not math.isfinite(self.lmbda):
+            raise ValueError(f"null lmbda must be finite, got {self.lmbda}")
+        if self.kind != "empirical" and self.sigma <= 0:
+            raise ValueError(f"{self.kind} null needs sigma > 0, got {self.sigma}")
         if self.kind == "empirical" and len(self.samples) == 0:
             raise ValueError("empirical null needs at least one clean statistic")
         # p_values() binary-searches the samples: keep them sorted whatever the source
@@ -70,6 +115,8 @@ class Null:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind, "mu": self.mu, "sigma": self.sigma}
         out["n"] = len(self.samples)
+        if self.kind == "yeojohnson":
+            out["lmbda"] = self.lmbda
         if self.kind == "empirical":
             out["samples"] = list(self.samples)
         return out
@@ -77,34 +124,51 @@ class Null:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Null:
         samples = tuple(float(s) for s in d.get("samples", ()))
-        return cls(kind=d["kind"], mu=float(d["mu"]), sigma=float(d["sigma"]), samples=samples)
+        return cls(
+            kind=d["kind"],
+            mu=float(d["mu"]),
+            sigma=float(d["sigma"]),
+            samples=samples,
+            lmbda=float(d.get("lmbda", 1.0)),
+        )
 
 
 def fit_null(clean_stats: np.ndarray, kind: NullKind = "gaussian") -> Null:
-    """Fit the null on clean statistics: mean and (unbiased) standard deviation for both kinds;
-    the empirical kind also keeps the sorted samples."""
+    """Fit the null on clean statistics: mean and (unbiased) standard deviation of d (of its
+    Yeo-Johnson transform, exponent by maximum likelihood, for `yeojohnson`); the empirical kind
+    also keeps the sorted samples."""
     s = np.asarray(clean_stats, dtype=np.float64).ravel()
     if s.size < 2:
         raise ValueError(f"need at least 2 clean statistics to fit a null, got {s.size}")
     if not np.all(np.isfinite(s)):
         raise ValueError("clean statistics contain NaN or inf")
-    mu = float(s.mean())
-    sigma = float(s.std(ddof=1))
-    if kind == "gaussian" and sigma <= 0:
-        raise ValueError("clean statistics are all equal: a Gaussian null has zero width")
+    lmbda = 1.0
+    if kind == "yeojohnson" and np.ptp(s) > 0:
+        from scipy.stats import yeojohnson_normmax
+
+        lmbda = float(yeojohnson_normmax(s))
+    t = yeo_johnson(s, lmbda) if kind == "yeojohnson" else s
+    mu = float(t.mean())
+    sigma = float(t.std(ddof=1))
+    if kind != "empirical" and sigma <= 0:
+        raise ValueError(f"clean statistics are all equal: a {kind} null has zero width")
     samples = tuple(float(v) for v in s) if kind == "empirical" else ()  # Null sorts them
-    return Null(kind=kind, mu=mu, sigma=sigma, samples=samples)
+    return Null(kind=kind, mu=mu, sigma=sigma, samples=samples, lmbda=lmbda)
 
 
 def p_values(null: Null, d: np.ndarray) -> np.ndarray:
     """Upper-tail p-values of d under the null.
 
     gaussian: p = 1 - Phi((d - mu) / sigma)  (SPEC 4.3), computed as Phi(-(d - mu) / sigma) to
-    keep precision in the tail. empirical: p = (1 + #{d_i >= d}) / (n + 1), the conformal p-value.
+    keep precision in the tail. yeojohnson: the same on the transformed d. empirical:
+    p = (1 + #{d_i >= d}) / (n + 1), the conformal p-value.
     """
     d = np.asarray(d, dtype=np.float64)
     if null.kind == "gaussian":
         return np.asarray(ndtr(-(d - null.mu) / null.sigma), dtype=np.float64)
+    if null.kind == "yeojohnson":
+        t = yeo_johnson(d, null.lmbda)
+        return np.asarray(ndtr(-(t - null.mu) / null.sigma), dtype=np.float64)
     ref = np.asarray(null.samples, dtype=np.float64)
     n_ge = ref.size - np.searchsorted(ref, d, side="left")
     return (1.0 + n_ge) / (ref.size + 1.0)
@@ -120,6 +184,10 @@ def threshold(null: Null, alpha: float) -> float:
 
     if null.kind == "gaussian":
         return float(null.mu + null.sigma * ndtri(1.0 - alpha))
+    if null.kind == "yeojohnson":
+        t = null.mu + null.sigma * ndtri(1.0 - alpha)
+        d = float(yeo_johnson_inverse(np.array([t]), null.lmbda)[0])
+        return d if math.isfinite(d) else math.inf  # beyond the transform's range: never
     ref = np.asarray(null.samples, dtype=np.float64)
     n = ref.size
     # largest m = #{d_i >= d} with (1 + m) / (n + 1) < alpha, found with the very division

@@ -102,6 +102,13 @@ def test_load_empirical_null(tmp_path: Path) -> None:
     assert art.rule.flag_on_disagreement is True
 
 
+def test_load_yeojohnson_null(tmp_path: Path) -> None:
+    fields = _fields()
+    fields["null"] = {"kind": "yeojohnson", "mu": 0.4, "sigma": 0.7, "lmbda": 0.45}
+    art = load_artifact(_make(tmp_path / "art", fields))
+    assert art.null == Null("yeojohnson", mu=0.4, sigma=0.7, lmbda=0.45)
+
+
 def test_tampered_bounded_file(tmp_path: Path) -> None:
     root = _make(tmp_path / "art")
     data = bytearray((root / "bounded.onnx").read_bytes())
