@@ -12,10 +12,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[calibrate,dev]'
 	touch $(STAMP)
 
+# Calibrate the embedded backdoored CIFAR-10 model, serve it, query it through tritonclient,
+# print what the guard did and shut the server down (calibrate/demo.py).
 demo: $(STAMP)
-	$(VENV)/bin/mmguard calibrate --factory calibrate.synthetic:small_cnn \
-		--weights calibrate/examples/tiny/model.pt --data calibrate/examples/tiny/clean.npz \
-		--out runs/tiny-demo --name tiny-demo --force
+	$(VENV)/bin/mmguard demo --out runs/demo
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q
@@ -35,7 +35,7 @@ proto: $(STAMP)
 
 # Serve the artifact `make demo` wrote: gRPC on 8001, Prometheus metrics on 8002.
 serve: $(STAMP)
-	$(VENV)/bin/mmguard serve runs/tiny-demo --port 8001 --metrics-port 8002
+	$(VENV)/bin/mmguard serve runs/demo --port 8001 --metrics-port 8002
 
 bench-calibration: $(STAMP)
 	$(PY) -m benchmarks.calibration --data $(DATA)

@@ -8,7 +8,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("calibrate", "serve")
+COMMANDS = ("calibrate", "serve", "demo")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -27,6 +27,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         from guard import serve_cli
 
         serve_cli.add_parser(sub)
+    if only in (None, "demo"):
+        from calibrate import demo
+
+        demo.add_parser(sub)
     return parser
 
 
@@ -43,6 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from guard import serve_cli
 
             return serve_cli.run(args)
+        if args.command == "demo":
+            from calibrate import demo
+
+            return demo.run(args)
     except KeyboardInterrupt:
         print("mmguard: interrupted", file=sys.stderr)
         return 130
