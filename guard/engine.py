@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -35,6 +35,15 @@ def choose_providers(device: Device, available: list[str]) -> list[str]:
     return [CUDA, CPU] if cuda_ok else [CPU]
 
 
+def _session(ort: Any, path: Path, opts: Any, providers: list[str]) -> Any:
+    """An onnxruntime session of one network; a file onnxruntime cannot load (corrupt, truncated,
+    not ONNX: one whose sha256 was recorded after the damage) is an EngineError naming it."""
+    try:
+        return ort.InferenceSession(str(path), opts, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own RuntimeError subclasses
+        raise EngineError(f"onnxruntime cannot load {path.name}: {exc}") from None
+
+
 class GuardEngine:
     """Runs the original and the bounded network on the same batch and decides with MMDF."""
 
@@ -52,7 +61,7 @@ class GuardEngine:
         # on, 2.0x with it off, at batch 32 on 2 cores).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._sessions = [
-            ort.InferenceSession(str(p), opts, providers=providers)
+            _session(ort, p, opts, providers)
             for p in (artifact.original_path, artifact.bounded_path)
         ]
         used = self._sessions[0].get_providers()

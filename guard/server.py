@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import CollectorRegistry, start_http_server
 
@@ -28,6 +28,7 @@ from guard._proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from guard.artifact import Artifact, load_artifact
 from guard.config import Device, ServeConfig, TlsConfig
 from guard.dataplane import DataPlane, Engine, server_version
+from guard.health import HealthService
 from guard.interceptors import AuthInterceptor, StatusInterceptor
 from guard.metrics import GuardMetrics
 from guard.quarantine import Quarantine
@@ -82,7 +83,7 @@ class GuardServer:
         dataplane: DataPlane,
         *,
         config: ServeConfig,
-        health_servicer: health.aio.HealthServicer,
+        health_servicer: HealthService,
         registry: CollectorRegistry,
         executor: ThreadPoolExecutor,
         quarantine: Quarantine | None,
@@ -102,9 +103,13 @@ class GuardServer:
         """Listen (live, NOT_SERVING), warm up, then report ready and SERVING."""
         await self.grpc_server.start()
         if self.config.metrics_port is not None:
-            self._metrics_http, _ = start_http_server(
-                self.config.metrics_port, self.config.host, registry=self.registry
-            )
+            address = f"{self.config.host}:{self.config.metrics_port}"
+            try:
+                self._metrics_http, _ = start_http_server(
+                    self.config.metrics_port, self.config.host, registry=self.registry
+                )
+            except OSError as exc:  # e.g. the port is taken: say which one, and what for
+                raise OSError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
             self.metrics_port = int(self._metrics_http.server_port)
             log.info("metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
         start = time.perf_counter()
@@ -190,9 +195,9 @@ def _build_metrics(
     return metrics
 
 
-async def _add_services(server: grpc.aio.Server, dataplane: DataPlane) -> health.aio.HealthServicer:
+async def _add_services(server: grpc.aio.Server, dataplane: DataPlane) -> HealthService:
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(dataplane), server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthService()
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -1,10 +1,12 @@
 """Session fixtures shared by the serving tests: one artifact made by `mmguard calibrate` on the
-tiny backdoored example, and inputs from its data that the artifact flags or passes."""
+tiny backdoored example, inputs from its data that the artifact flags or passes, the guard's
+engine on it in this process, and a throwaway PKI for the TLS tests."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -69,3 +71,30 @@ def samples(artifact_dir: Path) -> Samples:
         clean=clean[ok].astype(np.float32) / 255,
         clean_labels=clean_npz["labels"][ok],
     )
+
+
+@pytest.fixture(scope="session")
+def engine(artifact_dir: Path) -> Any:
+    """guard.engine.GuardEngine on the session artifact in this process: the reference the
+    server's answers are checked against (benchmarks.reliability.answers)."""
+    from guard.artifact import load_artifact
+    from guard.engine import GuardEngine
+
+    return GuardEngine(load_artifact(artifact_dir), "cpu", threads=1)
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A CA with a server and a client certificate, and a client certificate of another CA
+    (tests.certs.Pem values)."""
+    from tests.certs import CertificateAuthority
+
+    root = tmp_path_factory.mktemp("pki")
+    ca = CertificateAuthority(root, "guard-ca")
+    rogue = CertificateAuthority(root, "rogue-ca")
+    return {
+        "ca": ca.pem,
+        "server": ca.issue("server", server=True),
+        "client": ca.issue("client", server=False),
+        "rogue_client": rogue.issue("rogue-client", server=False),
+    }

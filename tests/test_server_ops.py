@@ -1,6 +1,6 @@
 """Operations through the real server: health and readiness transitions around the warm-up and
-the shutdown (an in-flight request completes), the quarantine of flagged inputs, the maximum
-message size."""
+the shutdown (an in-flight request completes), the quarantine of flagged inputs. (The maximum
+message size: tests/test_reliability_faults.py.)"""
 
 from __future__ import annotations
 
@@ -105,14 +105,3 @@ def test_flagged_inputs_are_quarantined(
             meta = json.loads(str(f["meta"]))
         assert meta["item"] == i and meta["p_value"] < 0.005
         assert meta["original_class"] == "stripes_h"
-
-
-def test_messages_over_the_maximum_size_are_refused(artifact_dir: Path, samples: Samples) -> None:
-    # one 3x16x16 FP32 image is 3 KiB; four are 12 KiB, over a 6 KiB limit
-    with running(serve_config(artifact_dir, max_message_bytes=6 * 1024)) as srv:
-        client = tc.InferenceServerClient(srv.url)
-        with pytest.raises(InferenceServerException) as info:
-            _fire(client, samples.clean).result(timeout=30)
-        assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
-        assert _fire(client, samples.clean[:1]).result(timeout=30).as_numpy("label").shape == (1,)
-        client.close()

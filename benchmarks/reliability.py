@@ -1,0 +1,357 @@
+"""What the reliability tests and benchmarks.soak share: the server as a child process, the pool
+of inputs the load draws from, the answers in-process inference gives for it, and the check of a
+load run's records against them.
+
+The expected answers come from guard.engine.GuardEngine and guard.mmdf.decide on the artifact's
+null and rule, with guard.tensors.to_pixels converting UINT8 exactly as the server does: the same
+decision code the server runs, in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.checked_load import REPO_ROOT, rss_kb
+
+# an input's decision must be this far (a factor) from alpha, and its top two logits this far
+# apart in both networks, for the pool: no rounding anywhere can flip its expected answer
+P_VALUE_FACTOR = 4.0
+MIN_LOGIT_GAP = 1e-3
+
+
+def mmguard_command() -> list[str]:
+    """The `mmguard` script of this interpreter's environment (else the same via -m)."""
+    script = Path(sys.executable).with_name("mmguard")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "guard.cli"]
+
+
+def serve_command(
+    artifact_dir: Path, flags: Sequence[str] = (), program: Sequence[str] | None = None
+) -> list[str]:
+    """`mmguard serve` on 127.0.0.1 with both ports picked by the server (read from its log)."""
+    return [
+        *(program or mmguard_command()), "serve", str(artifact_dir), "--host", "127.0.0.1",
+        "--port", "0", "--metrics-port", "0", *flags,
+    ]  # fmt: skip
+
+
+class ServerProcess:
+    """The server as a child process (in this process's group, so a group kill reaches it). Its
+    stderr is drained all along by a thread that reads the ports from the log and keeps only the
+    last lines (a long run logging every flagged input must not grow this process)."""
+
+    def __init__(self, command: Sequence[str], log_lines: int = 400) -> None:
+        self.command = list(command)
+        self.proc = subprocess.Popen(
+            self.command, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self.log: deque[str] = deque(maxlen=log_lines)
+        self.port = 0
+        self.metrics_port = 0
+        self._changed = threading.Condition()
+        self._pump_thread = threading.Thread(target=self._pump, daemon=True)
+        self._pump_thread.start()
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _pump(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._changed:
+                self.log.append(line)
+                if found := re.search(r"listening on [\d.]+:(\d+)", line):
+                    self.port = int(found.group(1))
+                if found := re.search(r"metrics on http://[\d.]+:(\d+)/metrics", line):
+                    self.metrics_port = int(found.group(1))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def tail(self) -> str:
+        with self._changed:
+            return "".join(self.log)
+
+    def _check(self, deadline: float, what: str) -> None:
+        if self.proc.poll() is not None:
+            self._pump_thread.join(5)
+            raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.tail()}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the server is not {what}:\n{self.tail()}")
+
+    def wait_serving(self, timeout_s: float = 300.0, metrics: bool = True) -> None:
+        """Wait for the ports in the log, then for the health check to say SERVING."""
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while not self.port or (metrics and not self.metrics_port):
+                self._check(deadline, "listening")
+                self._changed.wait(0.5)
+        with grpc.insecure_channel(self.url) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                self._check(deadline, "serving")
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass  # warming up
+                time.sleep(0.1)
+
+    def rss_kb(self) -> int | None:
+        return rss_kb(self.pid)
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """Every sample of the metrics endpoint now, by (name, sorted labels)."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            text = resp.read().decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    def terminate(self, timeout_s: float) -> tuple[int, float]:
+        """SIGTERM, then wait; returns (exit status, seconds from the signal to the exit)."""
+        sent = time.monotonic()
+        self.proc.terminate()
+        code = self.proc.wait(timeout_s)
+        return code, time.monotonic() - sent
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._pump_thread.join(10)
+
+
+def metric(
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
+) -> float:
+    """One sample of ServerProcess.metrics() (0 if it is not exported)."""
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the pool and its expected answers
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What in-process inference answers for one pool entry (one value per input)."""
+
+    label: np.ndarray
+    flagged: np.ndarray
+    original_label: np.ndarray
+    bounded_label: np.ndarray
+    statistic: np.ndarray  # float32, as the server encodes it
+
+
+def answers(engine: Any, x: np.ndarray) -> Answer:
+    """The server's decision for a batch as received (FP32 pixels or UINT8), computed here."""
+    from guard.mmdf import decide
+    from guard.tensors import to_pixels
+
+    original, bounded = engine.logits(to_pixels(x))
+    artifact = engine.artifact
+    d = decide(original, bounded, artifact.null, artifact.rule)
+    return Answer(
+        d.label, d.flagged, d.original_label, d.bounded_label, d.statistic.astype(np.float32)
+    )
+
+
+def _top2_gap(logits: np.ndarray) -> np.ndarray:
+    top = np.sort(np.asarray(logits, dtype=np.float64), axis=1)
+    return top[:, -1] - top[:, -2]
+
+
+def stable(engine: Any, pixels: np.ndarray, max_batch_size: int) -> np.ndarray:
+    """Which inputs (FP32 pixels [N, C, H, W]) have a decision no numerical noise can flip: the
+    same answer alone and inside a batch, a p-value at least P_VALUE_FACTOR from alpha and
+    top-two logits at least MIN_LOGIT_GAP apart in both networks."""
+    from guard.mmdf import decide
+
+    alone = [engine.logits(pixels[i : i + 1]) for i in range(len(pixels))]
+    original = np.concatenate([o for o, _ in alone])
+    bounded = np.concatenate([b for _, b in alone])
+    together = [
+        engine.logits(pixels[i : i + max_batch_size]) for i in range(0, len(pixels), max_batch_size)
+    ]
+    a = engine.artifact
+    d1 = decide(original, bounded, a.null, a.rule)
+    d2 = decide(
+        np.concatenate([o for o, _ in together]),
+        np.concatenate([b for _, b in together]),
+        a.null,
+        a.rule,
+    )
+    same = (
+        (d1.label == d2.label)
+        & (d1.flagged == d2.flagged)
+        & (d1.original_label == d2.original_label)
+        & (d1.bounded_label == d2.bounded_label)
+    )
+    with np.errstate(divide="ignore"):
+        far = np.abs(np.log(np.maximum(d1.p_value, 1e-300) / a.rule.alpha)) >= np.log(
+            P_VALUE_FACTOR
+        )
+    gaps = (_top2_gap(original) >= MIN_LOGIT_GAP) & (_top2_gap(bounded) >= MIN_LOGIT_GAP)
+    return np.asarray(same & far & gaps)
+
+
+def build_pool(
+    engine: Any, candidates: Sequence[np.ndarray], *, max_batch_size: int, singles: int = 16
+) -> list[np.ndarray]:
+    """Request batches for the load, from single images [C, H, W] (uint8 0..255 or FP32 pixels):
+
+    - `singles` one-image requests of stable candidates, flagged and unflagged ones alternately
+      (as far as there are both), uint8 candidates sent, a pair at a time, as UINT8 and as
+      FP32 / 255;
+    - multi-image requests of 2, 3, max_batch_size // 2 and max_batch_size (the largest allowed
+      batch) inputs, FP32, mixing flagged and unflagged ones.
+
+    Raises ValueError when no candidate is stable."""
+    from guard.tensors import to_pixels
+
+    pixels = np.stack([to_pixels(c[None])[0] for c in candidates])
+    keep = np.flatnonzero(stable(engine, pixels, max_batch_size))
+    if keep.size == 0:
+        raise ValueError("no candidate input has a stable decision to check answers against")
+    flagged = answers(engine, pixels[keep]).flagged
+    groups = [list(keep[flagged]), list(keep[~flagged])]
+    order: list[int] = []
+    while any(groups):  # alternate flagged and unflagged while both last
+        for g in groups:
+            if g:
+                order.append(int(g.pop(0)))
+    entries: list[np.ndarray] = []
+    for n, i in enumerate(order[:singles]):
+        c = candidates[i]
+        as_uint8 = c.dtype == np.uint8 and n % 4 < 2  # pairs of one flagged, one not
+        entries.append(c[None] if as_uint8 else pixels[i : i + 1])
+    for size in sorted({2, 3, max(1, max_batch_size // 2), max_batch_size}):
+        if size > 1:
+            entries.append(pixels[[order[j % len(order)] for j in range(size)]])
+    return entries
+
+
+def expected_answers(engine: Any, entries: Sequence[np.ndarray]) -> list[Answer]:
+    return [answers(engine, x) for x in entries]
+
+
+# ---------------------------------------------------------------------------------------------
+# checking a run's records
+
+
+@dataclass
+class Verdict:
+    """A load run's records against the expected answers."""
+
+    sent: int
+    records: int = 0
+    by_status: Counter[str] = field(default_factory=Counter)
+    duplicates: int = 0  # ids answered more than once
+    id_mismatches: int = 0  # OK answers carrying another request's id
+    wrong: int = 0  # OK answers that differ from in-process inference
+    unexpected_status: int = 0  # answers with a status outside `allowed`
+    problems: list[str] = field(default_factory=list)  # the first few, described
+
+    @property
+    def ok(self) -> int:
+        return self.by_status["OK"]
+
+    @property
+    def unanswered(self) -> int:
+        return self.sent - self.records
+
+    def note(self, text: str) -> None:
+        if len(self.problems) < 10:
+            self.problems.append(text)
+
+
+def read_records(path: Path) -> Iterator[dict[str, Any]]:
+    with open(path) as f:
+        for line in f:
+            yield json.loads(line)
+
+
+def _differs(rec: dict[str, Any], want: Answer) -> str | None:
+    for name in ("label", "flagged", "original_label", "bounded_label"):
+        got = np.asarray(rec[name])
+        expected = getattr(want, name)
+        if got.shape != expected.shape or not np.array_equal(got, expected):
+            return f"{name} {got.tolist()} != {expected.tolist()}"
+    got = np.asarray(rec["statistic"], dtype=np.float32)
+    if got.shape != want.statistic.shape or not np.allclose(
+        got, want.statistic, rtol=1e-5, atol=1e-5
+    ):
+        return f"statistic {got.tolist()} != {want.statistic.tolist()}"
+    return None
+
+
+def check_records(
+    path: Path, expected: Sequence[Answer], sent: int, allowed: Sequence[str] = ("OK",)
+) -> Verdict:
+    """Every request answered exactly once (as many records as requests sent, no id twice), each
+    OK answer with its own request's id and the expected outputs for its entry, and no status
+    outside `allowed`. Counts everything; describes the first problems."""
+    v = Verdict(sent=sent)
+    seen: set[str] = set()
+    for rec in read_records(path):
+        v.records += 1
+        rid, status = rec["id"], rec["status"]
+        v.by_status[status] += 1
+        if rid in seen:
+            v.duplicates += 1
+            v.note(f"{rid}: answered more than once")
+        seen.add(rid)
+        if status not in allowed:
+            v.unexpected_status += 1
+            v.note(f"{rid}: {status} {rec.get('message')}")
+        if status != "OK":
+            continue
+        if rec.get("response_id") != rid:
+            v.id_mismatches += 1
+            v.note(f"{rid}: the response carries id {rec.get('response_id')!r}")
+        if (problem := _differs(rec, expected[rec["entry"]])) is not None:
+            v.wrong += 1
+            v.note(f"{rid} (entry {rec['entry']}): {problem}")
+    if v.records != sent:
+        v.note(f"{sent} requests sent, {v.records} answered")
+    return v
