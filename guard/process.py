@@ -37,7 +37,8 @@ class GuardProcess:
             text=True,
         )  # fmt: skip
         self.log: deque[str] = deque(maxlen=200)  # the last lines, for an error message
-        self._lines: queue.Queue[str] = queue.Queue()
+        self._lines: queue.Queue[str] = queue.Queue()  # read until ready, then no longer fed
+        self._ready = False
         threading.Thread(target=self._pump, daemon=True).start()
         self.port = 0
         self.metrics_port = 0
@@ -56,7 +57,8 @@ class GuardProcess:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:  # drained always, so the server never blocks on a pipe
             self.log.append(line)
-            self._lines.put(line)
+            if not self._ready:  # nobody reads the queue after start-up: do not let it grow
+                self._lines.put(line)
 
     def _check(self, deadline: float) -> None:
         if self.proc.poll() is not None:
@@ -96,6 +98,7 @@ class GuardProcess:
                 try:
                     reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        self._ready = True
                         return
                 except grpc.RpcError:
                     pass  # not listening yet
