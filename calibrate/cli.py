@@ -201,6 +201,9 @@ def summary(report: dict[str, Any], out: Path) -> str:
         if mmbd["suspected"]
         else f"no backdoor detected (p = {mmbd['p_value']:.3g})"
     )
+    from calibrate.report import null_fit_advice
+
+    advice = null_fit_advice(report)
     return "\n".join(
         [
             f"wrote {out} ({report['iterations']} iterations, {report['timing_s']['total']:.1f} s)",
@@ -209,6 +212,7 @@ def summary(report: dict[str, Any], out: Path) -> str:
             f"{h['accuracy_guarded']:.2%} guarded; bounded agrees on {h['agreement']:.2%}; "
             f"false-positive rate {h['false_positive_rate']:.2%} "
             f"at alpha {report['null']['alpha']}",
+            *([f"  note: {advice}"] if advice else []),
             f"  report: {out / 'report.md'}",
         ]
     )

@@ -212,6 +212,21 @@ def _markdown(report: Mapping[str, Any], figures: Sequence[str]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def null_fit_advice(report: Mapping[str, Any]) -> str | None:
+    """A hint when a Gaussian null visibly misfits: its cross-fit held-out false-positive rate
+    is above twice alpha (SPEC 4: the nominal rate holds only if the null fits)."""
+    null = report.get("null", {})
+    fpr = report.get("heldout", {}).get("false_positive_rate")
+    alpha = null.get("alpha")
+    if null.get("kind") != "gaussian" or fpr is None or alpha is None or fpr <= 2 * alpha:
+        return None
+    return (
+        f"the Gaussian null flags {_pct(fpr)} of held-out clean images against a nominal "
+        f"{_pct(alpha)}: the clean statistic is skewed; `--null yeojohnson` (or `--null "
+        "empirical`, given at least 1/alpha held-out images) fits it better"
+    )
+
+
 def _md_verdict(report: Mapping[str, Any]) -> list[str]:
     """Verdict paragraph: the MM-BD decision, then what the runtime guard costs on clean data."""
     mmbd = report.get("mmbd", {})
@@ -225,7 +240,9 @@ def _md_verdict(report: Mapping[str, Any]) -> list[str]:
         f"original/bounded disagreements); accuracy is {_pct(held.get('accuracy_original'))} "
         f"original, {_pct(held.get('accuracy_guarded'))} guarded."
     )
-    return [f"{first} {second}", ""]
+    advice = null_fit_advice(report)
+    tail = [f"Note: {advice}.", ""] if advice else []
+    return [f"{first} {second}", "", *tail]
 
 
 def _md_overview(report: Mapping[str, Any]) -> list[str]:

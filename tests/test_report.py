@@ -196,3 +196,20 @@ def test_non_json_value_names_key(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match=r"\['bounds'\]\[1\]\['values'\]"):
         write_report(report, tmp_path)
     assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_null_fit_advice_only_when_a_gaussian_null_misfits(tmp_path: Path) -> None:
+    from calibrate.report import null_fit_advice
+
+    report = fake_report()
+    report["null"].update(kind="gaussian", alpha=0.005)
+    report["heldout"]["false_positive_rate"] = 0.0123  # 2.5 x alpha
+    advice = null_fit_advice(report)
+    assert advice is not None and "--null yeojohnson" in advice and "1.23%" in advice
+    write_report(report, tmp_path)
+    assert "--null yeojohnson" in (tmp_path / "report.md").read_text()
+    report["heldout"]["false_positive_rate"] = 0.01  # exactly 2 x alpha: within noise
+    assert null_fit_advice(report) is None
+    report["heldout"]["false_positive_rate"] = 0.05
+    report["null"]["kind"] = "yeojohnson"  # advice is about the Gaussian only
+    assert null_fit_advice(report) is None
