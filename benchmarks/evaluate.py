@@ -353,8 +353,9 @@ def pct(v: float) -> str:
     return f"{100 * v:.2f}"
 
 
-def table(cache_dir: Path) -> str:
-    """Markdown tables of every results.json under CACHE/eval."""
+def table(cache_dir: Path, null_kind: str | None = None) -> str:
+    """Markdown tables of every results.json under CACHE/eval; the first with ``null_kind``'s
+    figures (refitted on the artifact's held-out statistics), or the artifact's own null."""
     rows = {n: cache_dir / "eval" / n / "results.json" for n in NAMES}
     res = {n: json.loads(p.read_text()) for n, p in rows.items() if p.exists()}
     lines = [
@@ -366,7 +367,8 @@ def table(cache_dir: Path) -> str:
     for n, r in res.items():
         if n in IMBALANCED:
             continue
-        p, q, s = r["p"], r["p_dis"], r["strip"]
+        figs = r["by_null"][null_kind] if null_kind else r
+        p, q, s = figs["p"], figs["p_dis"], r["strip"]
         mmbd = r.get("mmbd") or {}
         verdict = (
             f"{'backdoor, class ' + str(mmbd.get('target')) if mmbd.get('suspected') else 'clean'}"
@@ -424,11 +426,17 @@ def main(argv: list[str] | None = None) -> int:
         "--recalibrate", action="store_true", help="calibrate even if CACHE/eval/NAME has one"
     )
     r.add_argument("--fig-dir", type=Path, default=REPO_ROOT / "docs" / "figures")
-    for p in (r, sub.add_parser("table", help="print markdown tables of all results")):
+    t = sub.add_parser("table", help="print markdown tables of all results")
+    t.add_argument(
+        "--null",
+        default=None,
+        help="main table under this null kind (default: each artifact's own null)",
+    )
+    for p in (r, t):
         p.add_argument("--cache-dir", type=Path, default=REPO_ROOT / ".cache" / "bench")
     args = parser.parse_args(argv)
     if args.cmd == "table":
-        print(table(args.cache_dir))
+        print(table(args.cache_dir, args.null))
         return 0
     if args.artifact is not None and len(args.names) != 1:
         parser.error("--artifact scores one model: name exactly one")

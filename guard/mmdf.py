@@ -135,8 +135,9 @@ class Null:
 
 def fit_null(clean_stats: np.ndarray, kind: NullKind = "gaussian") -> Null:
     """Fit the null on clean statistics: mean and (unbiased) standard deviation of d (of its
-    Yeo-Johnson transform, exponent by maximum likelihood, for `yeojohnson`); the empirical kind
-    also keeps the sorted samples."""
+    Yeo-Johnson transform for `yeojohnson`, exponent by maximum likelihood, or 0 where a
+    negative one would bound the transform so low that a p-value of 1e-4 could not be reached);
+    the empirical kind also keeps the sorted samples."""
     s = np.asarray(clean_stats, dtype=np.float64).ravel()
     if s.size < 2:
         raise ValueError(f"need at least 2 clean statistics to fit a null, got {s.size}")
@@ -147,6 +148,8 @@ def fit_null(clean_stats: np.ndarray, kind: NullKind = "gaussian") -> Null:
         from scipy.stats import yeojohnson_normmax
 
         lmbda = float(yeojohnson_normmax(s))
+        if lmbda < 0 and not _upper_tail_reachable(s, lmbda):
+            lmbda = 0.0  # a log: unbounded above, so every threshold stays reachable
     t = yeo_johnson(s, lmbda) if kind == "yeojohnson" else s
     mu = float(t.mean())
     sigma = float(t.std(ddof=1))
@@ -154,6 +157,20 @@ def fit_null(clean_stats: np.ndarray, kind: NullKind = "gaussian") -> Null:
         raise ValueError(f"clean statistics are all equal: a {kind} null has zero width")
     samples = tuple(float(v) for v in s) if kind == "empirical" else ()  # Null sorts them
     return Null(kind=kind, mu=mu, sigma=sigma, samples=samples, lmbda=lmbda)
+
+
+MIN_REACHABLE_ALPHA = 1e-4
+"""A Yeo-Johnson null must be able to flag at every alpha down to this one."""
+
+
+def _upper_tail_reachable(s: np.ndarray, lmbda: float) -> bool:
+    """With lmbda < 0 the transform is bounded above by -1/lmbda, so p-values have a floor; is
+    it below MIN_REACHABLE_ALPHA (so that any usable alpha can still flag)?"""
+    from scipy.special import ndtri
+
+    t = yeo_johnson(s, lmbda)
+    top = t.mean() + t.std(ddof=1) * ndtri(1.0 - MIN_REACHABLE_ALPHA)
+    return bool(top < -1.0 / lmbda)
 
 
 def p_values(null: Null, d: np.ndarray) -> np.ndarray:

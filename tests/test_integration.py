@@ -4,6 +4,7 @@ line, then judged from the exported ONNX files and the manifest alone (no torch 
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -81,7 +82,8 @@ def test_artifact_records_what_the_guard_needs(calibrated: dict) -> None:
     assert manifest["name"] == "toy"
     assert manifest["input"]["shape"] == [3, 16, 16]
     assert manifest["decision"]["alpha"] == 0.005
-    assert manifest["null"]["kind"] == "gaussian" and manifest["null"]["sigma"] > 0
+    assert manifest["null"]["kind"] == "yeojohnson" and manifest["null"]["sigma"] > 0
+    assert math.isfinite(manifest["null"]["lmbda"])
     assert manifest["hyperparameters"]["objective"] == "mmac"
     assert manifest["mmbd"]["suspected"] is True and manifest["mmbd"]["target"] == 0
     assert len(manifest["bounds"]) == 4

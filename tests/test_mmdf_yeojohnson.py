@@ -84,3 +84,25 @@ def test_round_trip_keeps_the_exponent() -> None:
 def test_rejects_a_non_finite_exponent() -> None:
     with pytest.raises(ValueError, match="lmbda"):
         Null(kind="yeojohnson", mu=0.0, sigma=1.0, lmbda=float("nan"))
+
+
+def test_negative_exponent_kept_while_the_tail_stays_reachable() -> None:
+    s = np.random.default_rng(1).lognormal(0, 0.6, size=400)
+    lmbda = stats.yeojohnson_normmax(s)
+    assert lmbda < 0 and fit_null(s, "yeojohnson").lmbda == pytest.approx(lmbda, rel=1e-6)
+
+
+def test_exponent_falls_back_to_a_log_when_the_tail_would_be_unreachable() -> None:
+    """Below 0 the transform is bounded above by -1/lambda: when that bound leaves no room for
+    a p-value of 1e-4 the fit uses 0 (a log), so the 0.005 threshold stays finite."""
+    from guard.mmdf import MIN_REACHABLE_ALPHA, yeo_johnson
+
+    s = np.random.default_rng(3).lognormal(0, 2.0, size=300)
+    mle = stats.yeojohnson_normmax(s)
+    t = yeo_johnson(s, mle)
+    floor = stats.norm.sf((-1 / mle - t.mean()) / t.std(ddof=1))
+    assert mle < 0 and floor > MIN_REACHABLE_ALPHA  # the MLE alone could hardly ever flag
+    null = fit_null(s, "yeojohnson")
+    assert null.lmbda == 0.0
+    thr = threshold(null, 0.005)
+    assert math.isfinite(thr) and p_values(null, np.array([thr * 1.01]))[0] < 0.005
