@@ -27,6 +27,7 @@ _SCHEDULE_FLAGS: dict[str, type] = {
     "ascent_lr": float,
     "bound_lr": float,
     "lambda_init": float,
+    "mmom_lambda": float,
     "lambda_warmup": int,
     "lambda_every": int,
     "lambda_factor": float,

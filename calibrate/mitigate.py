@@ -89,7 +89,7 @@ def learn_bounds(
         net if sched.mm_source == "bounded" else original
     )
     lam = LambdaController(
-        sched.lambda_init,
+        sched.mmom_lambda if cfg.objective == "mmom" else sched.lambda_init,
         warmup=sched.lambda_warmup,
         every=sched.lambda_every,
         factor=sched.lambda_factor,

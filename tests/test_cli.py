@@ -187,12 +187,12 @@ def test_mmom_objective_records_its_settings(tmp_path: Path) -> None:
     out = tmp_path / "art"
     code, _, err = run_cli(
         _tiny_args(out, "--objective", "mmom", "--max-iters", "6", "--min-iters", "6",
-                   "--lambda-init", "0.3", "--mmbd-steps", "10")
+                   "--mmom-lambda", "0.3", "--mmbd-steps", "10")
     )  # fmt: skip
     assert code == 0, err
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["objective"] == "mmom"
-    assert manifest["hyperparameters"]["schedule"]["lambda_init"] == 0.3
+    assert manifest["hyperparameters"]["schedule"]["mmom_lambda"] == 0.3
     report = json.loads((out / "report.json").read_text())
     assert [row["lambda"] for row in report["history"]] == [0.3] * 6  # MMOM: lambda is fixed
 
