@@ -42,9 +42,13 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
-    except CalibrationError as exc:
+    except KeyError as exc:
+        print(f"mmguard demo: error: the example lacks the field or array {exc}", file=sys.stderr)
+    except (CalibrationError, OSError, ValueError) as exc:  # bad example files, JSON included
         print(f"mmguard demo: error: {exc}", file=sys.stderr)
-        return 2
+    except (RuntimeError, TimeoutError) as exc:  # the server did not start: its log says why
+        print(f"mmguard demo: error: the guard server failed: {exc}", file=sys.stderr)
+    return 2
 
 
 def _run(args: argparse.Namespace) -> int:

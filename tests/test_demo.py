@@ -83,3 +83,13 @@ def test_shipped_example_is_complete_and_small() -> None:
         assert np.bincount(c["labels"]).tolist() == [50] * 10
         assert len(t["triggered"]) == len(t["triggered_labels"]) > 0
         assert not np.any(t["triggered_labels"] == meta["target"])
+
+
+def test_demo_names_a_missing_field_in_one_line(example: Path) -> None:
+    meta = json.loads((example / "example.json").read_text())
+    del meta["factory"]
+    (example / "example.json").write_text(json.dumps(meta))
+    cmd = [sys.executable, "-m", "guard.cli", "demo", "--example", str(example)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "lacks the field or array 'factory'" in proc.stderr and "Traceback" not in proc.stderr
