@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from benchmarks.attacks import badnets
 from calibrate.cifar_resnet import DEFAULT_WIDTH, CifarResNet18, cifar_resnet18
 
 DEFAULT_TARGET = 0
@@ -107,18 +108,8 @@ def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def apply_badnets(x: np.ndarray, patch: int = 3) -> np.ndarray:
-    """Return a copy of uint8 NHWC (or HWC) images with the BadNets checkerboard stamped on.
-
-    The patch is a ``patch x patch`` black/white checkerboard (white in its top-left pixel) at the
-    bottom-right corner, 1 px in from the border.
-    """
-    out = np.array(x, dtype=np.uint8, copy=True)
-    h, w = out.shape[-3], out.shape[-2]
-    ii, jj = np.indices((patch, patch))
-    board = np.where((ii + jj) % 2 == 0, 255, 0).astype(np.uint8)[..., None]
-    out[..., h - 1 - patch : h - 1, w - 1 - patch : w - 1, :] = board
-    return out
+apply_badnets = badnets
+"""The BadNets trigger of :mod:`benchmarks.attacks`, under the name this module's callers use."""
 
 
 def poison_training_set(
