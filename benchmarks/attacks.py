@@ -14,7 +14,10 @@ Attacks:
 - ``sig``: clean-label horizontal sinusoid ``20 sin(2 pi j 6 / 32)`` added to target-class
   training images only (labels never change).
 - ``chessboard``: additive global chessboard of amplitude 3/255 (+3 on white squares, -3 on
-  black), all-to-one.
+  black), all-to-one. Its trigger is added after training augmentation (``Attack.late``): a crop
+  shifted by an odd number of pixels, or a horizontal flip, turns a 1-pixel chessboard into its
+  negative, and a model poisoned before augmentation sees both signs and learns neither (measured:
+  3.2% attack success after 8 epochs).
 - ``all2all``: a fixed random-colour 3x3 patch in the top-left corner; class s goes to s + 1.
 """
 
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -155,6 +158,17 @@ def random_patch(x: np.ndarray, patch: int = 3, seed: int = PATTERN_SEED) -> np.
     return out
 
 
+class Poisoned(NamedTuple):
+    """A poisoned training set: images, labels, the attack's record, and ``late``: the images
+    whose trigger the training loop must add after augmentation (all False unless the attack is
+    ``late``; those images are returned clean, with their labels already changed)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    record: dict[str, Any]
+    late: np.ndarray
+
+
 @dataclass(frozen=True)
 class Attack:
     """One backdoor attack: its trigger, how labels change, and how the training set is poisoned."""
@@ -165,6 +179,8 @@ class Attack:
     settings: dict[str, Any] = field(default_factory=dict)
     target: int = TARGET
     rate: float = RATE
+    late: bool = False
+    """Trigger added after the training augmentation instead of to the stored image."""
 
     def attacker_labels(self, y: np.ndarray) -> np.ndarray:
         """The class the attacker wants for a triggered input whose true class is ``y``."""
@@ -178,9 +194,7 @@ class Attack:
             return np.ones(len(y), dtype=bool)
         return np.asarray(y) != self.target
 
-    def poison(
-        self, x: np.ndarray, y: np.ndarray, seed: int
-    ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    def poison(self, x: np.ndarray, y: np.ndarray, seed: int) -> Poisoned:
         """Poisoned copies of (x, y) and a record of what was done; inputs are not modified."""
         rng = np.random.default_rng(seed)
         n_poison = round(self.rate * len(y))
@@ -193,7 +207,11 @@ class Attack:
         n_poison = min(n_poison, pool.size)
         idx = np.sort(rng.choice(pool, size=n_poison, replace=False))
         x_out, y_out = x.copy(), y.copy()
-        x_out[idx] = self.trigger(x[idx])
+        late = np.zeros(len(y), dtype=bool)
+        if self.late:
+            late[idx] = True
+        else:
+            x_out[idx] = self.trigger(x[idx])
         if self.mode != "clean-label":
             y_out[idx] = self.attacker_labels(y[idx])
         record = self.record()
@@ -204,7 +222,7 @@ class Attack:
             cross = np.sort(rng.choice(rest, size=n_cross, replace=False))
             x_out[cross] = wanet_noise(x[cross], rng)
             record["n_noise_mode"] = int(n_cross)
-        return x_out, y_out, record
+        return Poisoned(x_out, y_out, record, late)
 
     def record(self) -> dict[str, Any]:
         return {
@@ -212,6 +230,7 @@ class Attack:
             "mode": self.mode,
             "target": None if self.mode == "all-to-all" else self.target,
             "poison_rate": self.rate,
+            "trigger_applied": "after augmentation" if self.late else "before augmentation",
             **self.settings,
         }
 
@@ -225,6 +244,8 @@ ATTACKS: dict[str, Attack] = {
         "wanet", wanet, "all-to-one", {"k": 4, "s": 0.5, "grid_rescale": 1, "cross_ratio": 2}
     ),
     "sig": Attack("sig", sig, "clean-label", {"delta": 20, "freq": 6}),
-    "chessboard": Attack("chessboard", chessboard, "all-to-one", {"amplitude": "3/255"}),
+    "chessboard": Attack(
+        "chessboard", chessboard, "all-to-one", {"amplitude": "3/255"}, late=True
+    ),
     "all2all": Attack("all2all", random_patch, "all-to-all", {"patch": 3, "corner": "top-left"}),
 }

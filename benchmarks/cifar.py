@@ -160,6 +160,25 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], out.flip(3), out)
 
 
+LateTrigger = tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]
+"""(mask over the training set, uint8 NHWC trigger): images triggered after augmentation."""
+
+
+def _apply_late(inputs: torch.Tensor, rows: torch.Tensor, trigger: Callable) -> torch.Tensor:
+    """Add a uint8 NHWC trigger to augmented float images ``inputs[rows]``.
+
+    Augmented pixels are still exact multiples of 1/255 (crop pads with zeros, flip permutes), so
+    the round trip through uint8 is exact and the trigger is the same function the test uses.
+    """
+    if rows.numel() == 0:
+        return inputs
+    u8 = inputs[rows].mul(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    triggered = torch.from_numpy(np.ascontiguousarray(trigger(u8))).permute(0, 3, 1, 2)
+    out = inputs.clone()
+    out[rows] = _to_float(triggered)
+    return out
+
+
 def _nchw(x_uint8_nhwc: np.ndarray) -> torch.Tensor:
     """uint8 NHWC numpy -> contiguous uint8 NCHW tensor (kept uint8 to save memory)."""
     return torch.from_numpy(np.ascontiguousarray(x_uint8_nhwc.transpose(0, 3, 1, 2)))
@@ -195,6 +214,7 @@ def _train_epoch(
     gen: torch.Generator,
     max_batches: int | None = None,
     bf16: bool = False,
+    late: LateTrigger | None = None,
 ) -> float:
     """One pass over a shuffled training set; returns the mean loss.
 
@@ -209,6 +229,8 @@ def _train_epoch(
             break
         idx = order[start : start + BATCH_SIZE]
         inputs = _augment(_to_float(xs[idx]), gen)
+        if late is not None:
+            inputs = _apply_late(inputs, torch.from_numpy(late[0][idx.numpy()]), late[1])
         if bf16:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -232,8 +254,12 @@ def fit(
     num_classes: int = 10,
     progress: ProgressFn | None = None,
     bf16: bool = True,
+    late: LateTrigger | None = None,
 ) -> tuple[CifarResNet18, float]:
     """Train a CIFAR ResNet-18 on (already poisoned) uint8 images; returns (model, seconds).
+
+    ``late`` names training images whose trigger is added after augmentation, each time they are
+    drawn (see :class:`benchmarks.attacks.Poisoned`).
 
     The model comes back in float32, contiguous NCHW memory format and eval mode, exactly as a
     user would hand it to ``mmguard calibrate``.
@@ -250,7 +276,7 @@ def fit(
     t0 = time.perf_counter()
     for epoch in range(1, epochs + 1):
         t_ep = time.perf_counter()
-        loss = _train_epoch(model, xs, ys, opt, sched, gen, bf16=bf16)
+        loss = _train_epoch(model, xs, ys, opt, sched, gen, bf16=bf16, late=late)
         if progress is not None:
             progress(epoch, loss, time.perf_counter() - t_ep)
     seconds = time.perf_counter() - t0

@@ -69,9 +69,13 @@ def train_one(
     x, y = data["x_train"], data["y_train"]
     record: dict[str, Any] = {"name": name, "width": width, "seed": seed}
     attack = ATTACKS.get(name)
+    late = None
     if attack is not None:
-        x, y, poison_record = attack.poison(x, y, seed)
-        record.update(poison_record)
+        poisoned = attack.poison(x, y, seed)
+        x, y = poisoned.x, poisoned.y
+        record.update(poisoned.record)
+        if attack.late:
+            late = (poisoned.late, attack.trigger)
     elif name in IMBALANCED:
         idx = imbalanced_indices(y, name, IMBALANCE_RATIO, seed)
         x, y = x[idx], y[idx]
@@ -82,7 +86,9 @@ def train_one(
     def progress(epoch: int, loss: float, seconds: float) -> None:
         print(f"{name}: epoch {epoch}/{n_epochs} loss {loss:.4f} {seconds:.1f}s", flush=True)
 
-    model, seconds = fit(x, y, width=width, epochs=n_epochs, seed=seed, progress=progress)
+    model, seconds = fit(
+        x, y, width=width, epochs=n_epochs, seed=seed, progress=progress, late=late
+    )
     record.update(epochs=n_epochs, train_seconds=round(seconds, 1), n_train=len(y))
     xt, yt = data["x_test"], data["y_test"]
     pred = predict(model, xt)

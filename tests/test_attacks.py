@@ -65,10 +65,16 @@ def test_poisoning_follows_the_attack_mode(name: str) -> None:
     y = np.arange(200) % 10
     attack = A.ATTACKS[name]
     x_before, y_before = x.copy(), y.copy()
-    xp, yp, record = attack.poison(x, y, seed=0)
+    xp, yp, record, late = attack.poison(x, y, seed=0)
     np.testing.assert_array_equal(x, x_before)  # the inputs are not modified
     np.testing.assert_array_equal(y, y_before)
-    poisoned = np.flatnonzero(np.any(xp != x, axis=(1, 2, 3)))
+    changed = np.flatnonzero(np.any(xp != x, axis=(1, 2, 3)))
+    if attack.late:  # stored clean; the training loop adds the trigger after augmentation
+        assert changed.size == 0 and record["trigger_applied"] == "after augmentation"
+        poisoned = np.flatnonzero(late)
+    else:
+        assert not late.any()
+        poisoned = changed
     assert record["attack"] == name and record["poison_rate"] == 0.1
     if attack.mode == "clean-label":
         np.testing.assert_array_equal(yp, y)
@@ -87,3 +93,23 @@ def test_attacker_labels_and_eval_mask() -> None:
     assert A.ATTACKS["badnets"].eval_mask(y).tolist() == [False, True, True]
     assert A.ATTACKS["all2all"].attacker_labels(y).tolist() == [1, 2, 0]
     assert A.ATTACKS["all2all"].eval_mask(y).all()
+
+
+def test_late_trigger_is_added_to_augmented_images_exactly() -> None:
+    torch = pytest.importorskip("torch")
+    from benchmarks.cifar import _apply_late, _augment, _nchw, _to_float
+
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)
+    augmented = _augment(_to_float(_nchw(x)), torch.Generator().manual_seed(0))
+    rows = torch.tensor([True, False, True, False, False, True])
+    out = _apply_late(augmented, rows, A.chessboard)
+    as_u8 = augmented.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    expected = _to_float(_nchw(A.chessboard(as_u8)))
+    torch.testing.assert_close(out[rows], expected[rows], rtol=0, atol=0)
+    torch.testing.assert_close(out[~rows], augmented[~rows], rtol=0, atol=0)
+    # the board's phase is that of the model's input, whatever the crop and flip were
+    diff = (out[rows] - augmented[rows]) * 255
+    interior = diff[:, :, 8:24, 8:24].round()
+    assert interior[:, :, 0, 0].abs().eq(3).all()
+    assert (interior[:, :, 0, 0] == -interior[:, :, 0, 1]).all()
