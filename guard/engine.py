@@ -69,19 +69,37 @@ class GuardEngine:
             raise EngineError(f"CUDA requested but onnxruntime runs on {used}")
         self.providers: list[str] = list(used)
         self.device = "cuda" if CUDA in used else "cpu"
+        self._cuda_batch = 0  # on CUDA: the fixed batch size every run is padded to
+
+    def _feed(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """The input feed; on CUDA padded with zero images to the largest batch seen so far.
+
+        onnxruntime's CUDA convolutions set up again (and with the default exhaustive cuDNN
+        search, search again) whenever the input shape differs from the previous call's:
+        measured on an H100 with the CIFAR ResNet-18, 0.63 ms per batch of 32 at a fixed size
+        against about 200 ms per call when sizes vary. Dynamic batching makes every size from 1
+        to --max-batch-size, and warm-up runs the largest, so after warm-up every batch runs at
+        that one shape; the padding costs next to nothing on a GPU.
+        """
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.device == "cuda":
+            self._cuda_batch = max(self._cuda_batch, len(x))
+            if len(x) < self._cuda_batch:
+                pad = np.zeros((self._cuda_batch - len(x), *x.shape[1:]), dtype=np.float32)
+                x = np.concatenate([x, pad])
+        return {self.artifact.input.name: x}
 
     def logits(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Original and bounded logits for a float32 batch [N, C, H, W] in pixel space."""
-        feed = {self.artifact.input.name: np.ascontiguousarray(x, dtype=np.float32)}
-        out = self.artifact.output_name
-        original = self._sessions[0].run([out], feed)[0]
-        bounded = self._sessions[1].run([out], feed)[0]
+        n, feed, out = len(x), self._feed(x), self.artifact.output_name
+        original = self._sessions[0].run([out], feed)[0][:n]
+        bounded = self._sessions[1].run([out], feed)[0][:n]
         return original, bounded
 
     def original_logits(self, x: np.ndarray) -> np.ndarray:
         """The original network's logits alone (the unguarded baseline)."""
-        feed = {self.artifact.input.name: np.ascontiguousarray(x, dtype=np.float32)}
-        return self._sessions[0].run([self.artifact.output_name], feed)[0]
+        n, feed = len(x), self._feed(x)
+        return self._sessions[0].run([self.artifact.output_name], feed)[0][:n]
 
     def decide(self, x: np.ndarray) -> Decisions:
         original, bounded = self.logits(x)
