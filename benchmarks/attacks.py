@@ -244,8 +244,6 @@ ATTACKS: dict[str, Attack] = {
         "wanet", wanet, "all-to-one", {"k": 4, "s": 0.5, "grid_rescale": 1, "cross_ratio": 2}
     ),
     "sig": Attack("sig", sig, "clean-label", {"delta": 20, "freq": 6}),
-    "chessboard": Attack(
-        "chessboard", chessboard, "all-to-one", {"amplitude": "3/255"}, late=True
-    ),
+    "chessboard": Attack("chessboard", chessboard, "all-to-one", {"amplitude": "3/255"}, late=True),
     "all2all": Attack("all2all", random_patch, "all-to-all", {"patch": 3, "corner": "top-left"}),
 }

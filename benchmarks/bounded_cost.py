@@ -4,9 +4,11 @@ Builds the CIFAR ResNet-18 of the calibration benchmark (the cached BadNets weig
 else random ones: the graph, not the weights, sets the cost), gives it bounds without calibrating
 (per-channel maxima of random [0, 1] images times random factors in [0.3, 1], a few set to 0),
 exports the original, the bounded and the folded bounded network (calibrate.onnx_fold), checks the
-folded one against the bounded one, and times the three on the CPU provider side by side in one
-process: short interleaved rounds, the order rotated each round, per-call latency; it prints the
-median and 10th percentile per graph and the ratios to the original (see "method:" in the output).
+folded one against the bounded one, builds the floor (the original plus one identity node per
+residual site, see identity_after_residuals), and times the four on the CPU provider side by
+side in one process: short interleaved rounds, the order rotated each round, per-call latency;
+it prints the median and 10th percentile per graph and the ratios to the original (see "method:"
+in the output).
 
 Run from the repository root: ``.venv/bin/python -m benchmarks.bounded_cost``.
 """
@@ -28,7 +30,54 @@ from typing import Any
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-GRAPHS = ("original", "bounded", "folded")
+GRAPHS = ("original", "bounded", "folded", "floor")
+
+
+def identity_after_residuals(model: Any) -> tuple[Any, int]:
+    """The structural floor of a bounded network in onnxruntime: a copy of `model` with every
+    Relu written as ``Clip(0, FLT_MAX)`` and, at each residual site (a Relu after an Add), an
+    identity depthwise 1x1 Conv between the Add and that Clip. It computes exactly what `model`
+    does, with the nodes of a folded bounded network (calibrate.onnx_fold) whose bounds are all
+    infinite and whose scales are all 1: onnxruntime fuses a residual Add into its Conv but then
+    only a Relu, never a Clip, so the clip at a residual site needs a node of its own. Returns the
+    copy and the number of identity nodes."""
+    import onnx
+    from onnx import helper, numpy_helper, shape_inference
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inferred = shape_inference.infer_shapes(out)
+    channels = {
+        v.name: v.type.tensor_type.shape.dim[1].dim_value
+        for v in (*inferred.graph.value_info, *inferred.graph.output)
+        if len(v.type.tensor_type.shape.dim) == 4
+    }
+    lo = numpy_helper.from_array(np.array(0.0, np.float32), "floor__clip_min")
+    hi = numpy_helper.from_array(np.array(np.finfo(np.float32).max, np.float32), "floor__clip_max")
+    out.graph.initializer.extend([lo, hi])
+    producer = {o: n for n in out.graph.node for o in n.output}
+    nodes, added = [], 0
+    for node in out.graph.node:
+        if node.op_type != "Relu":
+            nodes.append(node)
+            continue
+        x, y = node.input[0], node.output[0]
+        src, c = producer.get(x), channels.get(y, 0)
+        if src is not None and src.op_type == "Add" and c > 0:
+            w = numpy_helper.from_array(np.ones((c, 1, 1, 1), np.float32), f"{y}__identity_w")
+            out.graph.initializer.append(w)
+            ident = f"{y}__identity"
+            nodes.append(
+                helper.make_node(
+                    "Conv", [x, w.name], [ident], group=c, kernel_shape=[1, 1], name=ident
+                )
+            )
+            x, added = ident, added + 1
+        nodes.append(helper.make_node("Clip", [x, lo.name, hi.name], [y], name=f"{y}__clip"))
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    onnx.checker.check_model(out, full_check=True)
+    return out, added
 
 
 def build(width: int, seed: int, zero_fraction: float, out_dir: Path) -> tuple[dict, dict]:
@@ -69,6 +118,10 @@ def build(width: int, seed: int, zero_fraction: float, out_dir: Path) -> tuple[d
     folded, stats = fold_bounds(onnx.load(str(paths["bounded"])))
     onnx.checker.check_model(folded, full_check=True)
     onnx.save(folded, str(paths["folded"]))
+    floor, stats["floor_identity_nodes"] = identity_after_residuals(
+        onnx.load(str(paths["original"]))
+    )
+    onnx.save(floor, str(paths["floor"]))
     stats["weights"] = weights
     return paths, stats
 
@@ -82,6 +135,9 @@ def session(path: Path, threads: int) -> Any:
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # as in the guard (guard.engine): a pool left spinning after one graph's run would steal the
+    # cores from the next graph timed, and the interleaved rounds would measure that instead
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
@@ -146,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fold stats: {json.dumps(stats)}")
     diff = max_abs_diff(sessions["bounded"], sessions["folded"], 16, args.seed + 1)
     print(f"max |logit(folded) - logit(bounded)| on 16 random images: {diff:.3g}")
+    same = max_abs_diff(sessions["original"], sessions["floor"], 16, args.seed + 1)
+    print(
+        f"floor: the original with its ReLUs as Clip(0, FLT_MAX) and "
+        f"{stats['floor_identity_nodes']} identity depthwise 1x1 Convs, one per residual site "
+        f"(max |logit(floor) - logit(original)|: {same:.3g})"
+    )
     print(
         f"method: onnxruntime {ort.__version__} CPUExecutionProvider, ORT_ENABLE_ALL, "
         f"intra_op_num_threads={args.threads}, sequential execution; per batch size R rounds, "
@@ -161,13 +223,13 @@ def main(argv: list[str] | None = None) -> int:
         low = {g: float(np.percentile(np.concatenate(times[g]), 10)) for g in GRAPHS}
         # each round's fastest call: the least disturbed one on a shared CPU
         round_min = {g: np.array([min(r) for r in times[g]]) for g in GRAPHS}
-        paired = {g: round_min[g] / round_min["original"] for g in ("bounded", "folded")}
+        paired = {g: round_min[g] / round_min["original"] for g in GRAPHS[1:]}
         print(f"\nbatch {batch}: {rounds} rounds x {iters} calls per graph")
         for g in GRAPHS:
             print(
                 f"  {g:9s} median {med[g] * 1e3:8.3f} ms   10th percentile {low[g] * 1e3:8.3f} ms"
             )
-        for g in ("bounded", "folded"):
+        for g in GRAPHS[1:]:
             q1, q2, q3 = np.percentile(paired[g], [25, 50, 75])
             print(
                 f"  {g}/original: medians {med[g] / med['original']:.3f}, 10th percentiles "
@@ -177,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         results[f"batch{batch}"] = {
             "median_ms": {g: v * 1e3 for g, v in med.items()},
             "p10_ms": {g: v * 1e3 for g, v in low.items()},
-            "ratio_of_medians": {g: med[g] / med["original"] for g in ("bounded", "folded")},
-            "ratio_of_p10": {g: low[g] / low["original"] for g in ("bounded", "folded")},
+            "ratio_of_medians": {g: med[g] / med["original"] for g in GRAPHS[1:]},
+            "ratio_of_p10": {g: low[g] / low["original"] for g in GRAPHS[1:]},
             "per_round_min_ratio_median": {g: float(np.median(v)) for g, v in paired.items()},
         }
     if args.json:

@@ -53,7 +53,7 @@ from benchmarks.evalmetrics import (
     strip_blend,
     strip_entropy,
 )
-from benchmarks.train_models import IMBALANCED, NAMES, model_paths
+from benchmarks.train_models import IMBALANCED, NAMES, model_name, model_paths, parse_name
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FACTORY = "benchmarks.cifar:cifar_resnet18"
@@ -188,7 +188,7 @@ def evaluate_attack(
     from guard.engine import GuardEngine
 
     _, strip_idx, eval_idx = idx
-    attack: Attack = ATTACKS.get(name, ATTACKS[EVAL_ATTACK])
+    attack: Attack = ATTACKS.get(parse_name(name)[0], ATTACKS[EVAL_ATTACK])
     art = load_artifact(art_dir)
     engine = GuardEngine(art, "cpu", threads=2)
     x, y = data["x_test"][eval_idx], data["y_test"][eval_idx]
@@ -211,7 +211,8 @@ def evaluate_attack(
         for kind, null in null_variants(art_dir).items()
     }
     res.update(
-        attack=attack.record() | {"trigger_shown_to_clean_model": name not in ATTACKS},
+        attack=attack.record()
+        | {"trigger_shown_to_clean_model": parse_name(name)[0] not in ATTACKS},
         eval_clean=len(y),
         eval_triggered=len(ty),
         alpha=art.rule.alpha,
@@ -325,7 +326,7 @@ def run(names: list[str], args: argparse.Namespace) -> None:
             print(f"{name}: no trained model at {weights}; skipped", file=sys.stderr)
             continue
         art_dir = args.artifact or out_dir / "artifact"
-        objective = "mmom" if name in IMBALANCED else "mmac"
+        objective = "mmom" if parse_name(name)[0] in IMBALANCED else "mmac"
         result: dict[str, Any] = {"model": json.loads(record_path.read_text())}
         previous = out_dir / "results.json"
         reuse = args.artifact is not None or (
@@ -341,7 +342,7 @@ def run(names: list[str], args: argparse.Namespace) -> None:
         report = json.loads((art_dir / "report.json").read_text())
         result["mmbd"] = report.get("mmbd")
         print(f"{name}: evaluating ...", file=sys.stderr, flush=True)
-        if name in IMBALANCED:
+        if parse_name(name)[0] in IMBALANCED:
             result["mmom"] = evaluate_mmom(name, art_dir, data, idx)
         else:
             result.update(evaluate_attack(name, art_dir, data, idx, args.fig_dir))
@@ -353,10 +354,20 @@ def pct(v: float) -> str:
     return f"{100 * v:.2f}"
 
 
+def _is_model(name: str) -> bool:
+    try:
+        parse_name(name)
+    except ValueError:
+        return False
+    return True
+
+
 def table(cache_dir: Path, null_kind: str | None = None) -> str:
     """Markdown tables of every results.json under CACHE/eval; the first with ``null_kind``'s
     figures (refitted on the artifact's held-out statistics), or the artifact's own null."""
-    rows = {n: cache_dir / "eval" / n / "results.json" for n in NAMES}
+    found = {p.parent.name for p in (cache_dir / "eval").glob("*/results.json")}
+    extra = sorted(n for n in found - set(NAMES) if _is_model(n))
+    rows = {n: cache_dir / "eval" / n / "results.json" for n in (*NAMES, *extra)}
     res = {n: json.loads(p.read_text()) for n, p in rows.items() if p.exists()}
     lines = [
         "| model | undefended clean acc | guarded clean acc (p / p+dis) | undefended ASR "
@@ -365,7 +376,7 @@ def table(cache_dir: Path, null_kind: str | None = None) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for n, r in res.items():
-        if n in IMBALANCED:
+        if parse_name(n)[0] in IMBALANCED:
             continue
         figs = r["by_null"][null_kind] if null_kind else r
         p, q, s = figs["p"], figs["p_dis"], r["strip"]
@@ -394,7 +405,7 @@ def table(cache_dir: Path, null_kind: str | None = None) -> str:
                 f"| {n} | {kind} | {pct(p['fpr'])} | {pct(p['clean_accuracy'])} | "
                 f"{pct(p['asr'])} | {pct(p['restored'])} | {pct(p['tpr'])} |"
             )
-    imb = [(n, r) for n, r in res.items() if n in IMBALANCED]
+    imb = [(n, r) for n, r in res.items() if parse_name(n)[0] in IMBALANCED]
     if imb:
         lines += [
             "",
@@ -417,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="calibrate (unless --artifact) and evaluate models")
-    r.add_argument("names", nargs="+", choices=NAMES)
+    r.add_argument("names", nargs="+", type=model_name, help=f"{', '.join(NAMES)} [_eN]")
     r.add_argument(
         "--data", type=Path, default=REPO_ROOT.parent / "shared" / "data" / "cifar10_jpg.tar.xz"
     )

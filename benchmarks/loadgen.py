@@ -4,7 +4,8 @@ interpreter (or its GIL) with what it measures.
 N concurrent clients, each sending batch-1 requests of one fixed input back to back through stock
 tritonclient (its asyncio client; one channel shared by all, as one client application would),
 for a warm-up and then a measured window. Prints one JSON object: the latency of every request
-that completed inside the window, the window's length, and the errors.
+that completed inside the window, the window's length, the errors, and for CPU accounting the
+requests answered in all (warm-up included) and this process's CPU seconds.
 
     .venv/bin/python -m benchmarks.loadgen --url 127.0.0.1:8001 --model NAME --clients 8
 """
@@ -35,6 +36,7 @@ async def drive(
     import tritonclient.grpc as tc
     import tritonclient.grpc.aio as tca
 
+    cpu0 = time.process_time()
     client = tca.InferenceServerClient(url)
     inp = tc.InferInput(input_name, list(x.shape), "FP32")
     inp.set_data_from_numpy(x)
@@ -42,6 +44,7 @@ async def drive(
     stop_at = measure_from + duration_s
     latencies: list[float] = []
     errors: list[str] = []
+    completed = [0]
 
     async def one_client() -> None:
         while (t0 := time.perf_counter()) < stop_at:
@@ -52,6 +55,7 @@ async def drive(
                 await asyncio.sleep(0.01)  # a refused server must not be hammered in a loop
                 continue
             t1 = time.perf_counter()
+            completed[0] += 1
             if measure_from <= t1 <= stop_at:
                 latencies.append(t1 - t0)
 
@@ -65,6 +69,8 @@ async def drive(
         "latencies_s": [round(v, 7) for v in latencies],
         "errors": len(errors),
         "first_error": errors[0] if errors else None,
+        "completed": completed[0],
+        "cpu_s": round(time.process_time() - cpu0, 3),
     }
 
 

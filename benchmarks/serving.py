@@ -13,6 +13,14 @@ d, c, c, d and the two runs of each are pooled, so drift on a shared machine hit
 times the bounded network against the original (benchmarks.bounded_cost's method on the
 artifact's two files). Prints a table and the ratios next to their targets; writes JSON.
 
+CPU accounting: every server point also records the CPU seconds the server process and the
+client process spent per answered request, and (e) a bare gRPC server (benchmarks.bare_server:
+the same service answering with a canned response, no inference) is driven like (c) at the
+largest client count. With (b)'s CPU per input at the largest batch, that gives the ceiling of
+(c)/(b) on this machine when every core is shared by the server and its clients:
+b_cpu / (b_cpu + bare_cpu + client_cpu), the ratio the server would reach if it added nothing to
+inference but what any Python gRPC server and its clients cost.
+
 Run from the repository root: ``.venv/bin/python -m benchmarks.serving``.
 """
 
@@ -20,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -43,6 +53,8 @@ TARGETS = {
     "guard_over_unguarded_throughput": (">=", 0.45),
     "guard_over_unguarded_p50": ("<=", 1.5),  # at 1 client
     "server_over_in_process_guard_throughput": (">=", 0.8),
+    "bounded_over_original_batch1": ("<", 1.05),
+    "bounded_over_original_batch64": ("<", 1.05),
 }
 
 
@@ -54,6 +66,78 @@ def summary(latencies_s: Iterable[float], seconds: float, items_per_call: int = 
     p50, p99 = np.percentile(lat, [50, 99]) * 1e3
     rate = lat.size * items_per_call / seconds
     return {"n": int(lat.size), "p50_ms": float(p50), "p99_ms": float(p99), "throughput": rate}
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a running process, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_per_item_ms(fn: Callable[[], object], items: int, seconds: float) -> float:
+    """CPU milliseconds of this process (all threads) per item, calling `fn` for `seconds`."""
+    fn()
+    calls, c0, end = 0, time.process_time(), time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        fn()
+        calls += 1
+    return (time.process_time() - c0) / (calls * items) * 1e3
+
+
+class BareServer:
+    """benchmarks.bare_server as a child process on 127.0.0.1 (a free port)."""
+
+    def __init__(self, model: str, classes: int) -> None:
+        cmd = [sys.executable, "-m", "benchmarks.bare_server", "--model", model,
+               "--classes", str(classes)]  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().split()
+        if len(line) != 2 or line[0] != "port":
+            self.close()
+            raise RuntimeError(f"benchmarks.bare_server did not start: {line}")
+        self.url = f"127.0.0.1:{line[1]}"
+
+    def __enter__(self) -> BareServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def loaded(url: str, pid: int, name: str, clients: int, args: argparse.Namespace,
+           art: Any) -> dict:  # fmt: skip
+    """One run of the client process against a server, with both processes' CPU per request."""
+    cpu0 = process_cpu_s(pid)
+    res = run_load(
+        url, name, clients, args.duration_s, args.warmup_s, args.input_seed,
+        art.input.shape, art.input.name,
+    )  # fmt: skip
+    res["server_cpu_s"] = process_cpu_s(pid) - cpu0
+    return res
+
+
+def pooled(rs: list[dict]) -> dict:
+    """Latency summary of several runs of one point, and their CPU per answered request."""
+    lat = [v for r in rs for v in r["latencies_s"]]
+    point = summary(lat, sum(r["window_s"] for r in rs))
+    done = sum(r["completed"] for r in rs)
+    point["server_cpu_ms"] = sum(r["server_cpu_s"] for r in rs) / done * 1e3 if done else None
+    point["client_cpu_ms"] = sum(r["cpu_s"] for r in rs) / done * 1e3 if done else None
+    point["errors"] = sum(r["errors"] for r in rs)
+    point["first_error"] = next((r["first_error"] for r in rs if r["first_error"]), None)
+    return point
 
 
 def time_rounds(fns: Mapping[str, Callable[[], object]], duration_s: float) -> dict[str, list]:
@@ -77,7 +161,8 @@ def time_rounds(fns: Mapping[str, Callable[[], object]], duration_s: float) -> d
 
 
 def in_process(engine: Any, x: np.ndarray, batches: tuple[int, ...], duration_s: float) -> dict:
-    """(a) and (b) at each batch size (the one input repeated), interleaved."""
+    """(a) and (b) at each batch size (the one input repeated), interleaved; then each one's
+    CPU milliseconds per input, measured alone for a quarter of `duration_s`."""
     out: dict[str, dict] = {"original": {}, "guard": {}}
     for batch in batches:
         xb = np.repeat(x, batch, axis=0)
@@ -85,16 +170,28 @@ def in_process(engine: Any, x: np.ndarray, batches: tuple[int, ...], duration_s:
         times = time_rounds(fns, duration_s)
         for name, t in times.items():
             out[name][f"batch{batch}"] = summary(t, sum(t), batch)
+        for name, fn in fns.items():
+            out[name][f"batch{batch}"]["cpu_ms"] = cpu_per_item_ms(fn, batch, duration_s / 4)
     return out
 
 
 def bounded_cost(artifact: Any, threads: int, rounds: int, seed: int) -> dict:
-    """benchmarks.bounded_cost's interleaved timing of the artifact's two networks."""
-    from benchmarks.bounded_cost import session, time_interleaved
+    """benchmarks.bounded_cost's interleaved timing of the artifact's two networks, and of the
+    floor: the original with one identity node per residual site (the least any bounded network
+    adds in onnxruntime; see benchmarks.bounded_cost.identity_after_residuals)."""
+    import tempfile
+
+    import onnx
+
+    from benchmarks.bounded_cost import identity_after_residuals, session, time_interleaved
 
     paths = {"original": artifact.original_path, "bounded": artifact.bounded_path}
-    sessions = {g: session(p, threads) for g, p in paths.items()}
-    out = {}
+    floor, added = identity_after_residuals(onnx.load(str(artifact.original_path)))
+    with tempfile.TemporaryDirectory() as tmp:
+        paths["floor"] = Path(tmp) / "floor.onnx"
+        onnx.save(floor, str(paths["floor"]))
+        sessions = {g: session(p, threads) for g, p in paths.items()}
+    out: dict[str, Any] = {"floor_identity_nodes": added}
     for batch, iters in ((1, 25), (64, 3)):
         times = time_interleaved(
             sessions, batch, rounds, iters, seed, artifact.input.shape, artifact.input.name
@@ -105,6 +202,7 @@ def bounded_cost(artifact: Any, threads: int, rounds: int, seed: int) -> dict:
         out[f"batch{batch}"] = {
             "median_ms": {g: v * 1e3 for g, v in med.items()},
             "ratio_of_medians": med["bounded"] / med["original"],
+            "floor_ratio_of_medians": med["floor"] / med["original"],
             "per_round_min_ratio_median": float(
                 np.median(fastest["bounded"] / fastest["original"])
             ),
@@ -131,10 +229,7 @@ def measure_servers(servers: dict[str, GuardProcess], args: argparse.Namespace, 
             srv = servers[mode]
             # the server's batch sizes over the whole point, the client's warm-up included
             before = srv.batch_stats()
-            res = run_load(
-                srv.url, art.name, clients, args.duration_s, args.warmup_s, args.input_seed,
-                art.input.shape, art.input.name,
-            )  # fmt: skip
+            res = loaded(srv.url, srv.proc.pid, art.name, clients, args, art)
             after = srv.batch_stats()
             res["batches"] = after[1] - before[1]
             res["items"] = after[0] - before[0]
@@ -146,14 +241,21 @@ def measure_servers(servers: dict[str, GuardProcess], args: argparse.Namespace, 
                 flush=True,
             )
         for mode, rs in runs.items():
-            lat = [v for r in rs for v in r["latencies_s"]]
-            point = summary(lat, sum(r["window_s"] for r in rs))
+            point = pooled(rs)
             batches = sum(r["batches"] for r in rs)
             point["mean_batch"] = sum(r["items"] for r in rs) / batches if batches else None
-            point["errors"] = sum(r["errors"] for r in rs)
-            point["first_error"] = next((r["first_error"] for r in rs if r["first_error"]), None)
             out[mode][str(clients)] = point
     return out
+
+
+def measure_bare(args: argparse.Namespace, art: Any) -> dict:
+    """(e): the bare gRPC server under the largest client count, two runs pooled."""
+    clients = max(args.clients)
+    with BareServer(art.name, len(art.class_names)) as bare:
+        rs = [loaded(bare.url, bare.proc.pid, art.name, clients, args, art) for _ in range(2)]
+    point = pooled(rs)
+    print(f"  bare gRPC {clients:3d} clients: {point['throughput']:8.1f}/s", flush=True)
+    return {str(clients): point}
 
 
 def _ratio(num: float | None, den: float | None) -> float | None:
@@ -165,6 +267,10 @@ def ratios(results: dict, clients: list[int], max_batch: int) -> dict:
     most, fewest = str(max(clients)), str(min(clients))
     guard, unguarded = srv["enforce"][most]["throughput"], srv["unguarded"][most]["throughput"]
     b, a = ip["guard"][f"batch{max_batch}"], ip["original"][f"batch{max_batch}"]
+    bare = results["bare"][most]
+    enforce = srv["enforce"][most]
+    overhead = [bare["server_cpu_ms"], bare["client_cpu_ms"]]
+    ceiling = b["cpu_ms"] / (b["cpu_ms"] + sum(overhead)) if None not in overhead else None
     return {
         "guard_over_unguarded_throughput": _ratio(guard, unguarded),
         "guard_over_unguarded_p50": _ratio(
@@ -174,6 +280,17 @@ def ratios(results: dict, clients: list[int], max_batch: int) -> dict:
         "in_process_guard_over_original_throughput": _ratio(b["throughput"], a["throughput"]),
         "bounded_over_original_batch1": cost["batch1"]["ratio_of_medians"],
         "bounded_over_original_batch64": cost["batch64"]["ratio_of_medians"],
+        "floor_over_original_batch1": cost["batch1"]["floor_ratio_of_medians"],
+        "floor_over_original_batch64": cost["batch64"]["floor_ratio_of_medians"],
+        "ceiling_server_over_in_process": ceiling,
+        "cpu_ms_per_input": {
+            "(b) in-process guard": b["cpu_ms"],
+            "(c) server, guard": enforce["server_cpu_ms"],
+            "(c) its clients": enforce["client_cpu_ms"],
+            "(d) server, unguarded": srv["unguarded"][most]["server_cpu_ms"],
+            "(e) bare gRPC server": bare["server_cpu_ms"],
+            "(e) its clients": bare["client_cpu_ms"],
+        },
     }
 
 
@@ -203,8 +320,16 @@ def report(results: dict, clients: list[int], max_batch: int) -> None:
                 f"{_fmt(p['p99_ms'], '8.3f')} {p['throughput']:9.1f} "
                 f"{_fmt(p['mean_batch'], '10.2f')}"
             )
+    for n, p in results["bare"].items():
+        print(
+            f"{'(e) bare gRPC server':26s} {n:>7s} {1:5d} {_fmt(p['p50_ms'], '8.3f')} "
+            f"{_fmt(p['p99_ms'], '8.3f')} {p['throughput']:9.1f} {'-':>10s}"
+        )
     r = results["ratios"]
     most, fewest = max(clients), min(clients)
+    print(f"\nCPU milliseconds per input ({most} clients; (b) at batch {max_batch}):")
+    for label, ms in r["cpu_ms_per_input"].items():
+        print(f"  {label:30s} {_fmt(ms, '7.3f')}")
     lines = (
         ("guard_over_unguarded_throughput", f"server guard/unguarded throughput, {most} clients"),
         ("guard_over_unguarded_p50", f"server guard/unguarded p50, {fewest} client(s)"),
@@ -215,6 +340,12 @@ def report(results: dict, clients: list[int], max_batch: int) -> None:
         ("in_process_guard_over_original_throughput", f"(b)/(a) throughput at batch {max_batch}"),
         ("bounded_over_original_batch1", "bounded/original onnxruntime time, batch 1"),
         ("bounded_over_original_batch64", "bounded/original onnxruntime time, batch 64"),
+        ("floor_over_original_batch1", "floor/original (see benchmarks.bounded_cost), batch 1"),
+        ("floor_over_original_batch64", "floor/original, batch 64"),
+        (
+            "ceiling_server_over_in_process",
+            "ceiling of (c)/(b): b_cpu / (b_cpu + bare gRPC + clients)",
+        ),
     )
     print("\nratios:")
     for key, text in lines:
@@ -351,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         results["servers"] = measure_servers(servers, args, art)
+    results["bare"] = measure_bare(args, art)
     results["ratios"] = ratios(results, args.clients, args.max_batch_size)
     report(results, args.clients, args.max_batch_size)
     args.json.parent.mkdir(parents=True, exist_ok=True)

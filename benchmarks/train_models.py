@@ -10,6 +10,9 @@ full network on a GPU machine), written to ``CACHE/models/NAME.pt`` (a state dic
 undefended clean accuracy (overall and per class) and attack success rate on the test split.
 A model whose files exist is skipped, so an interrupted queue resumes where it stopped.
 
+A name may end in ``_eN`` (``wanet_e24``): the same model trained for N epochs instead of the
+default, cached under its own name.
+
 Imbalanced models (no backdoor): ``longtail`` keeps ``5000 * 100**(-c/9)`` training images of
 class c; ``step`` keeps 5000 of classes 0-4 and 50 of classes 5-9. Both have ratio 100.
 """
@@ -41,6 +44,25 @@ IMBALANCED_EPOCHS = {"longtail": 30, "step": 15}
 IMBALANCE_RATIO = 100
 
 
+def parse_name(name: str) -> tuple[str, int | None]:
+    """``NAME`` or ``NAME_eN``: the model kind and the epochs it names (None: the default)."""
+    base, sep, epochs = name.rpartition("_e")
+    if sep and epochs.isdigit() and base in NAMES and int(epochs) > 0:
+        return base, int(epochs)
+    if name in NAMES:
+        return name, None
+    raise ValueError(f"unknown model {name!r}: one of {', '.join(NAMES)}, optionally + _eN")
+
+
+def model_name(text: str) -> str:
+    """argparse type: a valid model name."""
+    try:
+        parse_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def imbalanced_indices(y: np.ndarray, kind: str, ratio: int, seed: int) -> np.ndarray:
     """Indices of a long-tail or step subset of a balanced training set."""
     rng = np.random.default_rng(seed)
@@ -68,7 +90,9 @@ def train_one(
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     x, y = data["x_train"], data["y_train"]
     record: dict[str, Any] = {"name": name, "width": width, "seed": seed}
-    attack = ATTACKS.get(name)
+    kind, named_epochs = parse_name(name)
+    epochs = epochs or named_epochs
+    attack = ATTACKS.get(kind)
     late = None
     if attack is not None:
         poisoned = attack.poison(x, y, seed)
@@ -76,12 +100,12 @@ def train_one(
         record.update(poisoned.record)
         if attack.late:
             late = (poisoned.late, attack.trigger)
-    elif name in IMBALANCED:
-        idx = imbalanced_indices(y, name, IMBALANCE_RATIO, seed)
+    elif kind in IMBALANCED:
+        idx = imbalanced_indices(y, kind, IMBALANCE_RATIO, seed)
         x, y = x[idx], y[idx]
-        record.update(imbalance=name, ratio=IMBALANCE_RATIO)
+        record.update(imbalance=kind, ratio=IMBALANCE_RATIO)
     record["train_per_class"] = np.bincount(y, minlength=10).tolist()
-    n_epochs = epochs or IMBALANCED_EPOCHS.get(name, EPOCHS)
+    n_epochs = epochs or IMBALANCED_EPOCHS.get(kind, EPOCHS)
 
     def progress(epoch: int, loss: float, seconds: float) -> None:
         print(f"{name}: epoch {epoch}/{n_epochs} loss {loss:.4f} {seconds:.1f}s", flush=True)
@@ -105,7 +129,7 @@ def train_one(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("names", nargs="+", choices=NAMES)
+    parser.add_argument("names", nargs="+", type=model_name, help=f"{', '.join(NAMES)} [_eN]")
     parser.add_argument(
         "--data", type=Path, default=REPO_ROOT.parent / "shared" / "data" / "cifar10_jpg.tar.xz"
     )

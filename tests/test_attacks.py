@@ -113,3 +113,14 @@ def test_late_trigger_is_added_to_augmented_images_exactly() -> None:
     interior = diff[:, :, 8:24, 8:24].round()
     assert interior[:, :, 0, 0].abs().eq(3).all()
     assert (interior[:, :, 0, 0] == -interior[:, :, 0, 1]).all()
+
+
+def test_model_names_may_carry_their_epochs() -> None:
+    from benchmarks.train_models import parse_name
+
+    assert parse_name("wanet") == ("wanet", None)
+    assert parse_name("wanet_e24") == ("wanet", 24)
+    assert parse_name("longtail_e3") == ("longtail", 3)
+    for bad in ("wanet_e0", "wanet_ex", "nope", "nope_e3"):
+        with pytest.raises(ValueError, match="unknown model"):
+            parse_name(bad)

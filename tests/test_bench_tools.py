@@ -1,0 +1,69 @@
+"""The serving benchmark's own tools: the structural floor graph (benchmarks.bounded_cost) and
+the bare gRPC server (benchmarks.bare_server) it measures the guard against."""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import tritonclient.grpc as tc
+from onnx import TensorProto, helper, numpy_helper
+
+from benchmarks.bounded_cost import identity_after_residuals
+from benchmarks.serving import BareServer
+
+
+def _residual_block() -> onnx.ModelProto:
+    """x -> Conv -> Relu -> Conv -> Add(x) -> Relu, 4 channels, and a stem Relu before it."""
+    rng = np.random.default_rng(0)
+    w1, w2 = (rng.normal(size=(4, 4, 3, 3)).astype(np.float32) for _ in range(2))
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r0"]),
+        helper.make_node("Conv", ["r0", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c2", "r0"], ["s"]),
+        helper.make_node("Relu", ["s"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "block",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 8, 8])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.asarray(sess.run(None, {"x": x})[0])
+
+
+def test_floor_graph_computes_the_original_with_the_folded_structure() -> None:
+    model = _residual_block()
+    floor, added = identity_after_residuals(model)
+    assert added == 1  # one residual site
+    ops = collections.Counter(n.op_type for n in floor.graph.node)
+    assert ops["Relu"] == 0 and ops["Clip"] == 3 and ops["Conv"] == 3  # 2 + the identity
+    ident = [n for n in floor.graph.node if n.name.endswith("__identity")]
+    assert len(ident) == 1 and ident[0].input[0] == "s"  # between the Add and its clip
+    x = np.random.default_rng(1).normal(size=(2, 4, 8, 8)).astype(np.float32)
+    np.testing.assert_array_equal(_run(floor, x), _run(model, x))
+    assert collections.Counter(n.op_type for n in model.graph.node)["Relu"] == 3  # not modified
+
+
+def test_bare_server_answers_stock_tritonclient_with_the_guards_outputs(tmp_path: Path) -> None:
+    with BareServer("bare", 10) as bare:
+        client = tc.InferenceServerClient(bare.url)
+        inp = tc.InferInput("input", [1, 3, 32, 32], "FP32")
+        inp.set_data_from_numpy(np.zeros((1, 3, 32, 32), np.float32))
+        res = client.infer("bare", [inp], client_timeout=30)
+        client.close()
+    assert res.as_numpy("label").tolist() == [0]
+    assert res.as_numpy("flagged").tolist() == [False]
+    assert res.as_numpy("logits").shape == (1, 10)
+    assert bare.proc.returncode == 0  # SIGTERM ends it cleanly
