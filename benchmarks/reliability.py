@@ -1,6 +1,6 @@
-"""What the reliability tests and benchmarks.soak share: the server as a child process, the pool
-of inputs the load draws from, the answers in-process inference gives for it, and the check of a
-load run's records against them.
+"""What the reliability tests and benchmarks.soak share: the pool of inputs the load draws from,
+the answers in-process inference gives for it, and the check of a load run's records against
+them. (The server as a child process is guard.process.ServerProcess.)
 
 The expected answers come from guard.engine.GuardEngine and guard.mmdf.decide on the artifact's
 null and rule, with guard.tensors.to_pixels converting UINT8 exactly as the server does: the same
@@ -10,12 +10,7 @@ decision code the server runs, in this process.
 from __future__ import annotations
 
 import json
-import re
-import subprocess
-import sys
-import threading
-import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,142 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.checked_load import REPO_ROOT, rss_kb
-
 # an input's decision must be this far (a factor) from alpha, and its top two logits this far
 # apart in both networks, for the pool: no rounding anywhere can flip its expected answer
 P_VALUE_FACTOR = 4.0
 MIN_LOGIT_GAP = 1e-3
-
-
-def mmguard_command() -> list[str]:
-    """The `mmguard` script of this interpreter's environment (else the same via -m)."""
-    script = Path(sys.executable).with_name("mmguard")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "guard.cli"]
-
-
-def serve_command(
-    artifact_dir: Path, flags: Sequence[str] = (), program: Sequence[str] | None = None
-) -> list[str]:
-    """`mmguard serve` on 127.0.0.1 with both ports picked by the server (read from its log)."""
-    return [
-        *(program or mmguard_command()), "serve", str(artifact_dir), "--host", "127.0.0.1",
-        "--port", "0", "--metrics-port", "0", *flags,
-    ]  # fmt: skip
-
-
-class ServerProcess:
-    """The server as a child process (in this process's group, so a group kill reaches it). Its
-    stderr is drained all along by a thread that reads the ports from the log and keeps only the
-    last lines (a long run logging every flagged input must not grow this process)."""
-
-    def __init__(self, command: Sequence[str], log_lines: int = 400) -> None:
-        self.command = list(command)
-        self.proc = subprocess.Popen(
-            self.command, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        self.log: deque[str] = deque(maxlen=log_lines)
-        self.port = 0
-        self.metrics_port = 0
-        self._changed = threading.Condition()
-        self._pump_thread = threading.Thread(target=self._pump, daemon=True)
-        self._pump_thread.start()
-
-    def __enter__(self) -> ServerProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def url(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def _pump(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            with self._changed:
-                self.log.append(line)
-                if found := re.search(r"listening on [\d.]+:(\d+)", line):
-                    self.port = int(found.group(1))
-                if found := re.search(r"metrics on http://[\d.]+:(\d+)/metrics", line):
-                    self.metrics_port = int(found.group(1))
-                self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
-
-    def tail(self) -> str:
-        with self._changed:
-            return "".join(self.log)
-
-    def _check(self, deadline: float, what: str) -> None:
-        if self.proc.poll() is not None:
-            self._pump_thread.join(5)
-            raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.tail()}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the server is not {what}:\n{self.tail()}")
-
-    def wait_serving(self, timeout_s: float = 300.0, metrics: bool = True) -> None:
-        """Wait for the ports in the log, then for the health check to say SERVING."""
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        deadline = time.monotonic() + timeout_s
-        with self._changed:
-            while not self.port or (metrics and not self.metrics_port):
-                self._check(deadline, "listening")
-                self._changed.wait(0.5)
-        with grpc.insecure_channel(self.url) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                self._check(deadline, "serving")
-                try:
-                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass  # warming up
-                time.sleep(0.1)
-
-    def rss_kb(self) -> int | None:
-        return rss_kb(self.pid)
-
-    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        """Every sample of the metrics endpoint now, by (name, sorted labels)."""
-        import urllib.request
-
-        from prometheus_client.parser import text_string_to_metric_families
-
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=30) as resp:
-            text = resp.read().decode()
-        return {
-            (s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text)
-            for s in family.samples
-        }
-
-    def terminate(self, timeout_s: float) -> tuple[int, float]:
-        """SIGTERM, then wait; returns (exit status, seconds from the signal to the exit)."""
-        sent = time.monotonic()
-        self.proc.terminate()
-        code = self.proc.wait(timeout_s)
-        return code, time.monotonic() - sent
-
-    def close(self, timeout_s: float = 30.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._pump_thread.join(10)
 
 
 def metric(

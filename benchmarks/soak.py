@@ -40,14 +40,13 @@ import numpy as np
 
 from benchmarks.checked_load import REPO_ROOT, LoadProcess, load_command, save_pool
 from benchmarks.reliability import (
-    ServerProcess,
     Verdict,
     build_pool,
     check_records,
     expected_answers,
     metric,
-    serve_command,
 )
+from guard.process import ServerProcess, serve_command
 
 MAX_RSS_GROWTH = 0.10  # RSS at the end over RSS after the warm-up, minus 1
 
@@ -117,7 +116,7 @@ def run_soak(
         "--threads", str(threads), "--max-batch-size", str(max_batch_size),
         "--shutdown-grace-s", "30", *server_flags,
     ]  # fmt: skip
-    with ServerProcess(serve_command(artifact_dir, flags)) as server:
+    with ServerProcess(serve_command(artifact_dir, flags), cwd=REPO_ROOT) as server:
         server.wait_serving(timeout_s=600)
         cmd = load_command(
             server.url, artifact.name, pool_path, records, clients=clients,

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.reliability import mmguard_command
 from guard.artifact import ArtifactError
+from guard.process import mmguard_command
 from tests.helpers import run_cli
 from tests.serving import ServerThread, serve_config
 

@@ -36,16 +36,15 @@ from tritonclient.utils import InferenceServerException
 from benchmarks.checked_load import LoadProcess, load_command, save_pool
 from benchmarks.reliability import (
     Answer,
-    ServerProcess,
     answers,
     build_pool,
     check_records,
     expected_answers,
     metric,
     read_records,
-    serve_command,
 )
 from guard.artifact import Artifact
+from guard.process import ServerProcess, serve_command
 from tests.conftest import Samples
 from tests.helpers import run_cli
 from tests.serving import ServerThread, infer_request, raw_stub, running, serve_config
@@ -116,7 +115,8 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_within_the_
     flags = ["--threads", "1", "--max-batch-size", "4", "--warmup-batch-sizes", "1",
              "--shutdown-grace-s", str(GRACE_S), "--log-format", "json"]  # fmt: skip
     records = tmp_path / "records.jsonl"
-    with ServerProcess(serve_command(artifact_dir, flags, program=slow_device)) as server:
+    command = serve_command(artifact_dir, flags, program=slow_device)
+    with ServerProcess(command, cwd=Path(__file__).resolve().parents[1]) as server:
         server.wait_serving()
         watch = HealthWatch(server.url)
         load = LoadProcess(load_command(server.url, MODEL, pool_path, records, clients=64,
