@@ -19,17 +19,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from benchmarks.calibrating import calibrate_cifar
 from benchmarks.cifar import DEFAULT_EPOCHS, DEFAULT_WIDTH, apply_badnets, get_or_train_badnets
 from benchmarks.cifar import load_cifar10 as load_cifar
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-FACTORY = "benchmarks.cifar:cifar_resnet18"
 
 
 def calibration_split(
@@ -90,41 +89,12 @@ def calibrate_once(
     threads: int,
     extra: list[str],
 ) -> dict[str, Any]:
-    from calibrate.cli import config_from_args
-    from calibrate.modelsrc import ModelSource
-    from calibrate.pipeline import CalibrationJob, run_calibration
-    from guard.cli import build_parser
-
-    argv = [
-        "calibrate",
-        "--factory",
-        FACTORY,
-        "--weights",
-        str(weights),
-        "--data",
-        str(data_npz),
-        "--out",
-        str(out),
-        "--schedule",
-        schedule,
-    ]
-    argv += extra
+    flags = ["--schedule", schedule, *extra]
     if schedule == "reference":  # SPEC 5: MM-BD ascent up to 300 steps, as in the reference
-        argv += ["--mmbd-steps", "300"]
-    cfg = config_from_args(build_parser().parse_args(argv))
-    job = CalibrationJob(
-        model=ModelSource(factory=FACTORY, weights=weights),
-        data=data_npz,
-        out=out,
-        name=f"cifar10-badnets-{label}",
-        config=cfg,
-        force=True,
-        quiet=True,
-    )
+        flags += ["--mmbd-steps", "300"]
     print(f"[{label}] calibrating with the {schedule} schedule ...", file=sys.stderr, flush=True)
-    t = time.perf_counter()
-    report = run_calibration(job).report
-    wall = time.perf_counter() - t
+    result, cfg, wall = calibrate_cifar(weights, data_npz, out, f"cifar10-badnets-{label}", flags)
+    report = result.report
     return {
         "wall_s": wall,
         "learn_bounds_s": report["timing_s"]["learn_bounds"],

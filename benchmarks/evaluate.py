@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.attacks import ATTACKS, Attack
+from benchmarks.calibrating import calibrate_cifar
 from benchmarks.evalmetrics import (
     auroc,
     low_tail_threshold,
@@ -56,7 +57,6 @@ from benchmarks.evalmetrics import (
 from benchmarks.train_models import IMBALANCED, NAMES, model_name, model_paths, parse_name
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-FACTORY = "benchmarks.cifar:cifar_resnet18"
 CALIB_PER_CLASS = 50
 STRIP_SPLIT = 500
 STRIP_BLENDS = 64
@@ -84,26 +84,8 @@ def to_float(x_uint8_nhwc: np.ndarray) -> np.ndarray:
 
 def calibrate(weights: Path, data_npz: Path, out: Path, name: str, objective: str) -> float:
     """``mmguard calibrate`` with its defaults (and ``--objective``); returns the wall seconds."""
-    from calibrate.cli import config_from_args
-    from calibrate.modelsrc import ModelSource
-    from calibrate.pipeline import CalibrationJob, run_calibration
-    from guard.cli import build_parser
-
-    argv = ["calibrate", "--factory", FACTORY, "--weights", str(weights), "--data", str(data_npz)]
-    argv += ["--out", str(out), "--objective", objective]
-    cfg = config_from_args(build_parser().parse_args(argv))
-    job = CalibrationJob(
-        model=ModelSource(factory=FACTORY, weights=weights),
-        data=data_npz,
-        out=out,
-        name=f"cifar10-{name}",
-        config=cfg,
-        force=True,
-        quiet=True,
-    )
-    t = time.perf_counter()
-    run_calibration(job)
-    return time.perf_counter() - t
+    flags = ["--objective", objective]
+    return calibrate_cifar(weights, data_npz, out, f"cifar10-{name}", flags)[2]
 
 
 def batched(fn: Any, x: np.ndarray, bs: int = 500) -> Any:

@@ -1,0 +1,38 @@
+"""`mmguard calibrate` in this process on a benchmark's CIFAR ResNet-18, as the benchmarks run it:
+the command's own argument parser and defaults, quiet, replacing any earlier output."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+FACTORY = "benchmarks.cifar:cifar_resnet18"
+
+
+def calibrate_cifar(
+    weights: Path, data_npz: Path, out: Path, name: str, flags: Sequence[str] = ()
+) -> tuple[Any, Any, float]:
+    """``mmguard calibrate --factory FACTORY --weights W --data D --out O FLAGS``; returns the
+    pipeline's result, the configuration it ran with, and the wall seconds."""
+    from calibrate.cli import config_from_args
+    from calibrate.modelsrc import ModelSource
+    from calibrate.pipeline import CalibrationJob, run_calibration
+    from guard.cli import build_parser
+
+    argv = ["calibrate", "--factory", FACTORY, "--weights", str(weights), "--data", str(data_npz)]
+    argv += ["--out", str(out), *flags]
+    cfg = config_from_args(build_parser().parse_args(argv))
+    job = CalibrationJob(
+        model=ModelSource(factory=FACTORY, weights=weights),
+        data=data_npz,
+        out=out,
+        name=name,
+        config=cfg,
+        force=True,
+        quiet=True,
+    )
+    t = time.perf_counter()
+    result = run_calibration(job)
+    return result, cfg, time.perf_counter() - t
