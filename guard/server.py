@@ -21,7 +21,7 @@ import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from guard._proto import grpc_predict_v2_pb2 as pb
 from guard._proto import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -31,6 +31,7 @@ from guard.dataplane import DataPlane, Engine, server_version
 from guard.health import HealthService
 from guard.interceptors import AuthInterceptor, StatusInterceptor
 from guard.metrics import GuardMetrics
+from guard.metrics_http import start_metrics_server
 from guard.quarantine import Quarantine
 from guard.servicer import SERVICE_NAME, InferenceServicer
 
@@ -105,8 +106,8 @@ class GuardServer:
         if self.config.metrics_port is not None:
             address = f"{self.config.host}:{self.config.metrics_port}"
             try:
-                self._metrics_http, _ = start_http_server(
-                    self.config.metrics_port, self.config.host, registry=self.registry
+                self._metrics_http, _ = start_metrics_server(
+                    self.config.metrics_port, self.config.host, self.registry
                 )
             except OSError as exc:  # e.g. the port is taken: say which one, and what for
                 raise OSError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None

@@ -105,3 +105,31 @@ def test_promtool_accepts_a_real_scrape(traffic: tuple[ServerThread, dict]) -> N
                            text=True, timeout=60, check=False)  # fmt: skip
     assert check.returncode == 0, check.stdout + check.stderr
     assert not check.stdout.strip() and not check.stderr.strip(), check.stdout + check.stderr
+
+
+def test_metrics_endpoint_closes_a_connection_that_says_nothing() -> None:
+    import socket
+    import time
+    import urllib.request
+
+    from prometheus_client import CollectorRegistry, Counter
+
+    from guard.metrics_http import start_metrics_server
+
+    registry = CollectorRegistry()
+    Counter("guard_probe", "a probe", registry=registry).inc(3)
+    httpd, thread = start_metrics_server(0, "127.0.0.1", registry, timeout_s=0.3)
+    try:
+        port = httpd.server_port
+        stalled = socket.create_connection(("127.0.0.1", port), timeout=5)
+        t0 = time.monotonic()
+        assert stalled.recv(1) == b""  # the server hung up on it
+        assert 0.2 < time.monotonic() - t0 < 4
+        stalled.close()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            assert "guard_probe_total 3.0" in resp.read().decode()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    thread.join(5)
+    assert not thread.is_alive()
