@@ -11,7 +11,8 @@ are `mmguard serve` subprocesses on 127.0.0.1, both up for the whole run; a sepa
 one of them at a time with N concurrent clients. Per client count the points run in the order
 d, c, c, d and the two runs of each are pooled, so drift on a shared machine hits both alike. Also
 times the bounded network against the original (benchmarks.bounded_cost's method on the
-artifact's two files), and the floor graph of benchmarks.bounded_cost.identity_after_residuals. Prints a table and the ratios next to their targets; writes JSON.
+artifact's two files), and the floor graph of benchmarks.bounded_cost.identity_after_residuals.
+Prints a table and the ratios next to their targets; writes JSON.
 
 CPU accounting: every server point also records the CPU seconds the server process and the
 client process spent per answered request, and (e) a bare gRPC server (benchmarks.bare_server:
