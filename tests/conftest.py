@@ -1,9 +1,11 @@
-"""Session fixtures shared by the serving tests: one artifact made by `mmguard calibrate` on the
-tiny backdoored example, inputs from its data that the artifact flags or passes, the guard's
-engine on it in this process, and a throwaway PKI for the TLS tests."""
+"""Fixtures shared by the serving tests: one artifact made by `mmguard calibrate` on the tiny
+backdoored example, inputs from its data that the artifact flags or passes, the guard's engine on
+it in this process, a throwaway PKI for the TLS tests, and per test module the server with the
+default test configuration and a raw stub on it."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,25 @@ import pytest
 
 TINY = Path(__file__).resolve().parents[1] / "calibrate" / "examples" / "tiny"
 ATTACK_TARGET = 0  # calibrate/examples/tiny/example.json
+
+
+@pytest.fixture(scope="module")
+def server(artifact_dir: Path) -> Iterator[Any]:
+    """The real server on port 0 with tests.serving.serve_config's defaults (a ServerThread)."""
+    from tests.serving import running, serve_config
+
+    with running(serve_config(artifact_dir)) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def stub(server: Any) -> Iterator[Any]:
+    """A raw GRPCInferenceService stub on `server`."""
+    from tests.serving import raw_stub
+
+    channel, raw = raw_stub(server.url)
+    yield raw
+    channel.close()
 
 
 @pytest.fixture(scope="session")

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -27,7 +25,7 @@ from tritonclient.grpc import service_pb2
 from benchmarks.reliability import Answer, answers
 from guard.tensors import output_specs
 from tests.conftest import Samples
-from tests.serving import ServerThread, infer_request, raw_stub, running, serve_config
+from tests.serving import ServerThread, infer_request
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]  # the artifact is calibrated with torch
 MODEL = "tiny"
@@ -172,19 +170,6 @@ def infer_requests(draw: st.DrawFn) -> Any:
 
 # ---------------------------------------------------------------------------------------------
 # the server, and what a good answer looks like
-
-
-@pytest.fixture(scope="module")
-def server(artifact_dir: Path) -> Iterator[ServerThread]:
-    with running(serve_config(artifact_dir)) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def stub(server: ServerThread) -> Iterator[Any]:
-    channel, stub = raw_stub(server.url)
-    yield stub
-    channel.close()
 
 
 def decode(response: Any) -> dict[str, np.ndarray]:

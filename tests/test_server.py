@@ -25,12 +25,6 @@ MODEL = "tiny"
 ALL_OUTPUTS = [s.name for s in output_specs(4)]
 
 
-@pytest.fixture(scope="module")
-def server(artifact_dir: Path) -> Iterator[ServerThread]:
-    with running(serve_config(artifact_dir)) as srv:
-        yield srv
-
-
 @pytest.fixture()
 def client(server: ServerThread) -> Iterator[tc.InferenceServerClient]:
     c = tc.InferenceServerClient(server.url)

@@ -5,7 +5,7 @@ tests/test_reliability_artifacts.py.)"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -107,19 +107,6 @@ MALFORMED: list[tuple[str, Callable[[], Any], grpc.StatusCode, str]] = [
                                                 r.outputs.add(name="label"))),
      INVALID, "twice"),
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def server(artifact_dir: Path) -> Iterator[ServerThread]:
-    with running(serve_config(artifact_dir)) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def stub(server: ServerThread) -> Iterator[Any]:
-    channel, stub = raw_stub(server.url)
-    yield stub
-    channel.close()
 
 
 def _code_and_message(call: Callable[[], Any]) -> tuple[grpc.StatusCode, str]:
