@@ -6,7 +6,10 @@ It is the floor of what a Python gRPC server costs per request on this machine: 
 per request, measured under the same client as the guard's server, is the part of the guard's
 cost that no work inside the guard can remove.
 
-    .venv/bin/python -m benchmarks.bare_server --classes 10   # prints "port N" once listening
+    .venv/bin/python -m benchmarks.bare_server --classes 10
+
+Like `mmguard serve`, it logs "listening on HOST:PORT" and answers the gRPC health check, so
+guard.process.ServerProcess starts it, reads its port and waits for it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from guard._proto import grpc_predict_v2_pb2 as pb
 from guard._proto import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -57,9 +61,12 @@ async def serve(host: str, port: int, model: str, classes: int) -> None:
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(
         BareServicer(canned_response(model, classes)), server
     )
+    checks = health.aio.HealthServicer()
+    await checks.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(checks, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
-    print(f"port {bound}", flush=True)
+    print(f"listening on {host}:{bound}", file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -44,6 +43,7 @@ import numpy as np
 
 from benchmarks.guard_process import GuardProcess
 from benchmarks.loadgen import fixed_input, run_load
+from guard.process import ServerProcess
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO_ROOT / ".cache" / "bench"
@@ -85,36 +85,17 @@ def cpu_per_item_ms(fn: Callable[[], object], items: int, seconds: float) -> flo
     return (time.process_time() - c0) / (calls * items) * 1e3
 
 
-class BareServer:
-    """benchmarks.bare_server as a child process on 127.0.0.1 (a free port)."""
-
-    def __init__(self, model: str, classes: int) -> None:
-        cmd = [sys.executable, "-m", "benchmarks.bare_server", "--model", model,
-               "--classes", str(classes)]  # fmt: skip
-        self.proc = subprocess.Popen(
-            cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().split()
-        if len(line) != 2 or line[0] != "port":
-            self.close()
-            raise RuntimeError(f"benchmarks.bare_server did not start: {line}")
-        self.url = f"127.0.0.1:{line[1]}"
-
-    def __enter__(self) -> BareServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+def bare_server(model: str, classes: int) -> ServerProcess:
+    """benchmarks.bare_server as a child process on 127.0.0.1, on a free port, serving."""
+    cmd = [sys.executable, "-m", "benchmarks.bare_server", "--model", model,
+           "--classes", str(classes)]  # fmt: skip
+    server = ServerProcess(cmd, cwd=REPO_ROOT)
+    try:
+        server.wait_serving(timeout_s=60, metrics=False)
+    except BaseException:
+        server.close()
+        raise
+    return server
 
 
 def loaded(url: str, pid: int, name: str, clients: int, args: argparse.Namespace,
@@ -252,7 +233,7 @@ def measure_servers(servers: dict[str, GuardProcess], args: argparse.Namespace, 
 def measure_bare(args: argparse.Namespace, art: Any) -> dict:
     """(e): the bare gRPC server under the largest client count, two runs pooled."""
     clients = max(args.clients)
-    with BareServer(art.name, len(art.class_names)) as bare:
+    with bare_server(art.name, len(art.class_names)) as bare:
         rs = [loaded(bare.url, bare.proc.pid, art.name, clients, args, art) for _ in range(2)]
     point = pooled(rs)
     print(f"  bare gRPC {clients:3d} clients: {point['throughput']:8.1f}/s", flush=True)

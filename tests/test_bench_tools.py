@@ -13,7 +13,7 @@ import tritonclient.grpc as tc
 from onnx import TensorProto, helper, numpy_helper
 
 from benchmarks.bounded_cost import identity_after_residuals
-from benchmarks.serving import BareServer
+from benchmarks.serving import bare_server
 
 
 def _residual_block() -> onnx.ModelProto:
@@ -57,7 +57,7 @@ def test_floor_graph_computes_the_original_with_the_folded_structure() -> None:
 
 
 def test_bare_server_answers_stock_tritonclient_with_the_guards_outputs(tmp_path: Path) -> None:
-    with BareServer("bare", 10) as bare:
+    with bare_server("bare", 10) as bare:
         client = tc.InferenceServerClient(bare.url)
         inp = tc.InferInput("input", [1, 3, 32, 32], "FP32")
         inp.set_data_from_numpy(np.zeros((1, 3, 32, 32), np.float32))
