@@ -10,7 +10,9 @@ For each model: the test split is divided, seeded, into a clean balanced calibra
 class, the same images as ``benchmarks.calibration``), a clean STRIP split (500 images: STRIP's
 blend backgrounds and the set its threshold is chosen on) and the evaluation set (the other 9000).
 ``mmguard calibrate`` runs with its defaults on the calibration set (once: a later run reuses the
-artifact unless ``--recalibrate``; ``--artifact`` names another one to score), and then
+artifact unless ``--recalibrate``; ``--variant V --calibrate-args '...'`` calibrates with other
+flags and keeps that artifact and its results apart; ``--artifact`` names another one to score),
+and then
 everything is measured from the exported ONNX files and the manifest alone, in onnxruntime,
 with the guard's own decision code (``guard.mmdf.decide``):
 
@@ -38,8 +40,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import json
+import re
+import shlex
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,9 +87,12 @@ def to_float(x_uint8_nhwc: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x_uint8_nhwc.transpose(0, 3, 1, 2), dtype=np.float32) / 255.0
 
 
-def calibrate(weights: Path, data_npz: Path, out: Path, name: str, objective: str) -> float:
-    """``mmguard calibrate`` with its defaults (and ``--objective``); returns the wall seconds."""
-    flags = ["--objective", objective]
+def calibrate(
+    weights: Path, data_npz: Path, out: Path, name: str, objective: str, extra: Sequence[str] = ()
+) -> float:
+    """``mmguard calibrate`` with its defaults, ``--objective`` and ``extra`` flags; returns the
+    wall seconds."""
+    flags = ["--objective", objective, *extra]
     return calibrate_cifar(weights, data_npz, out, f"cifar10-{name}", flags)[2]
 
 
@@ -165,6 +173,7 @@ def evaluate_attack(
     data: dict[str, np.ndarray],
     idx: tuple[np.ndarray, ...],
     fig_dir: Path,
+    suffix: str = "",
 ) -> dict[str, Any]:
     from guard.artifact import load_artifact
     from guard.engine import GuardEngine
@@ -229,7 +238,9 @@ def evaluate_attack(
         "scored_triggered": len(st),
     }
     res["auroc_guard_subset"] = auroc(d_clean[sc], d_trig[st])
-    plot_attack(name, fig_dir, d_clean, d_trig, (d_clean[sc], d_trig[st]), (-h_clean, -h_trig))
+    plot_attack(
+        name + suffix, fig_dir, d_clean, d_trig, (d_clean[sc], d_trig[st]), (-h_clean, -h_trig)
+    )
     return res
 
 
@@ -307,17 +318,21 @@ def run(names: list[str], args: argparse.Namespace) -> None:
         if not weights.exists():
             print(f"{name}: no trained model at {weights}; skipped", file=sys.stderr)
             continue
-        art_dir = args.artifact or out_dir / "artifact"
+        suffix = f"-{args.variant}" if args.variant else ""
+        art_dir = args.artifact or out_dir / f"artifact{suffix}"
         objective = "mmom" if parse_name(name)[0] in IMBALANCED else "mmac"
         result: dict[str, Any] = {"model": json.loads(record_path.read_text())}
-        previous = out_dir / "results.json"
+        if args.variant:
+            result["variant"] = {"name": args.variant, "calibrate_args": args.calibrate_args}
+        previous = out_dir / f"results{suffix}.json"
         reuse = args.artifact is not None or (
             not args.recalibrate and (art_dir / "manifest.json").exists()
         )
         if not reuse:
-            print(f"{name}: calibrating ({objective}) ...", file=sys.stderr, flush=True)
+            print(f"{name}{suffix}: calibrating ({objective}) ...", file=sys.stderr, flush=True)
+            extra = shlex.split(args.calibrate_args)
             result["calibrate_seconds"] = round(
-                calibrate(weights, calib_npz, art_dir, name, objective), 1
+                calibrate(weights, calib_npz, art_dir, name, objective, extra), 1
             )
         elif args.artifact is None and previous.exists():
             result["calibrate_seconds"] = json.loads(previous.read_text()).get("calibrate_seconds")
@@ -327,8 +342,8 @@ def run(names: list[str], args: argparse.Namespace) -> None:
         if parse_name(name)[0] in IMBALANCED:
             result["mmom"] = evaluate_mmom(name, art_dir, data, idx)
         else:
-            result.update(evaluate_attack(name, art_dir, data, idx, args.fig_dir))
-        (out_dir / "results.json").write_text(json.dumps(result, indent=2))
+            result.update(evaluate_attack(name, art_dir, data, idx, args.fig_dir, suffix))
+        previous.write_text(json.dumps(result, indent=2))
         print(json.dumps(result), flush=True)
 
 
@@ -387,6 +402,24 @@ def table(cache_dir: Path, null_kind: str | None = None) -> str:
                 f"| {n} | {kind} | {pct(p['fpr'])} | {pct(p['clean_accuracy'])} | "
                 f"{pct(p['asr'])} | {pct(p['restored'])} | {pct(p['tpr'])} |"
             )
+    variants = sorted((cache_dir / "eval").glob("*/results-*.json"))
+    if variants:
+        lines += [
+            "",
+            "| model | calibration variant | mmguard calibrate flags | clean FPR "
+            "| guarded clean acc | guarded ASR | TPR | AUROC MMDF | MM-BD p |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        defaults = sorted({path.parent / "results.json" for path in variants})
+        for path in [d for d in defaults if d.exists()] + variants:
+            r = json.loads(path.read_text())
+            v, p = r.get("variant", {"name": "default", "calibrate_args": ""}), r["p"]
+            lines.append(
+                f"| {path.parent.name} | {v['name']} | `{v['calibrate_args'] or '(defaults)'}` | "
+                f"{pct(p['fpr'])} | {pct(p['clean_accuracy'])} | {pct(p['asr'])} | "
+                f"{pct(p['tpr'])} | {r['auroc_guard_subset']:.4f} | "
+                f"{(r.get('mmbd') or {}).get('p_value', float('nan')):.2g} |"
+            )
     imb = [(n, r) for n, r in res.items() if parse_name(n)[0] in IMBALANCED]
     if imb:
         lines += [
@@ -414,7 +447,24 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument(
         "--data", type=Path, default=REPO_ROOT.parent / "shared" / "data" / "cifar10_jpg.tar.xz"
     )
-    r.add_argument("--artifact", type=Path, default=None, help="score this artifact (one model)")
+    r.add_argument(
+        "--variant",
+        default="",
+        help="a calibration variant: its artifact, results and figure are kept apart from the "
+        "default's (CACHE/eval/NAME/artifact-VARIANT, results-VARIANT.json, NAME-VARIANT.png)",
+    )
+    r.add_argument(
+        "--calibrate-args",
+        default="",
+        help="extra mmguard calibrate flags for --variant, as one argument: "
+        "--calibrate-args='--schedule reference'",
+    )
+    r.add_argument(
+        "--artifact",
+        type=Path,
+        default=None,
+        help="score this artifact (one model, with --variant)",
+    )
     r.add_argument(
         "--recalibrate", action="store_true", help="calibrate even if CACHE/eval/NAME has one"
     )
@@ -433,6 +483,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.artifact is not None and len(args.names) != 1:
         parser.error("--artifact scores one model: name exactly one")
+    if args.variant and not re.fullmatch(r"[A-Za-z0-9_.]+", args.variant):
+        parser.error(f"--variant {args.variant!r}: use letters, digits, '_' and '.' only")
+    if args.artifact is not None and not args.variant:
+        parser.error("--artifact needs --variant, so that its results do not replace the default's")
+    if args.calibrate_args and not args.variant:
+        parser.error(
+            "--calibrate-args needs --variant, so that its results do not replace the default's"
+        )
     import torch
 
     torch.set_num_threads(2)

@@ -1,6 +1,9 @@
-"""Known-answer tests for the evaluation's pure metrics (benchmarks/evalmetrics.py)."""
+"""Known-answer tests for the evaluation's pure metrics (benchmarks/evalmetrics.py), and the
+bookkeeping of its calibration variants (benchmarks/evaluate.py)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,3 +69,51 @@ def test_low_tail_threshold_flags_at_most_the_nominal_fraction() -> None:
     assert low_tail_threshold(scores, 0.0) == 0.0  # flags nothing
     with pytest.raises(ValueError, match="no clean scores"):
         low_tail_threshold(np.array([]), 0.01)
+
+
+def _result(asr: float, variant: dict[str, str] | None = None) -> dict[str, object]:
+    figs = {"clean_accuracy": 0.8, "fpr": 0.005, "asr": asr, "restored": 0.5, "tpr": 1 - asr}
+    r: dict[str, object] = {
+        "model": {},
+        "undefended_clean_accuracy": 0.81,
+        "undefended_asr": 0.97,
+        "p": figs,
+        "p_dis": figs,
+        "by_null": {},
+        "strip": {"auroc": 0.5, "tpr": 0.0, "fpr": 0.0},
+        "auroc_guard_subset": 0.9,
+        "mmbd": {"suspected": True, "target": 0, "p_value": 1e-6},
+    }
+    if variant:
+        r["variant"] = variant
+    return r
+
+
+def test_evaluation_variants_keep_apart_from_the_default_and_list_after_it(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    from benchmarks.evaluate import main, table
+
+    model = tmp_path / "eval" / "wanet_e24"
+    model.mkdir(parents=True)
+    (model / "results.json").write_text(json.dumps(_result(0.4446)))
+    variant = {"name": "reference", "calibrate_args": "--schedule reference"}
+    (model / "results-reference.json").write_text(json.dumps(_result(0.3519, variant)))
+    text = table(tmp_path)
+    main_rows = [line for line in text.splitlines() if line.startswith("| wanet_e24 | 81.00")]
+    assert len(main_rows) == 1 and "44.46" in main_rows[0]  # the variant is not a main row
+    rows = [line for line in text.splitlines() if "`" in line]
+    assert rows[0].startswith("| wanet_e24 | default | `(defaults)` |") and "44.46" in rows[0]
+    assert rows[1].startswith("| wanet_e24 | reference | `--schedule reference` |")
+    assert "35.19" in rows[1]
+    # scoring another artifact, or calibrating with other flags, never replaces results.json
+    for argv in (
+        ["run", "wanet", "--artifact", str(tmp_path)],
+        ["run", "wanet", "--calibrate-args", "--schedule reference"],
+        ["run", "wanet", "--variant", "../x"],
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
