@@ -255,11 +255,16 @@ def fit(
     progress: ProgressFn | None = None,
     bf16: bool = True,
     late: LateTrigger | None = None,
+    checkpoint: Path | None = None,
 ) -> tuple[CifarResNet18, float]:
     """Train a CIFAR ResNet-18 on (already poisoned) uint8 images; returns (model, seconds).
 
     ``late`` names training images whose trigger is added after augmentation, each time they are
     drawn (see :class:`benchmarks.attacks.Poisoned`).
+
+    With ``checkpoint`` the model, optimiser, schedule and shuffling state are written there after
+    every epoch, and a run that finds one resumes after its last epoch, with the same batches and
+    steps an uninterrupted run takes (the caller deletes it once the model is saved).
 
     The model comes back in float32, contiguous NCHW memory format and eval mode, exactly as a
     user would hand it to ``mmguard calibrate``.
@@ -273,15 +278,58 @@ def fit(
         model = model.to(memory_format=torch.channels_last)
     steps = (len(xs) + BATCH_SIZE - 1) // BATCH_SIZE
     opt, sched = _make_optimizer(model, epochs, steps)
+    run = {"width": width, "epochs": epochs, "seed": seed, "n_train": len(xs), "bf16": bf16}
+    done, spent = 0, 0.0
+    if checkpoint is not None and checkpoint.exists():
+        done, spent = _resume(checkpoint, run, model, opt, sched, gen)
     t0 = time.perf_counter()
-    for epoch in range(1, epochs + 1):
+    for epoch in range(done + 1, epochs + 1):
         t_ep = time.perf_counter()
         loss = _train_epoch(model, xs, ys, opt, sched, gen, bf16=bf16, late=late)
+        if checkpoint is not None:
+            state = {
+                "run": run,
+                "epoch": epoch,
+                "seconds": spent + time.perf_counter() - t0,
+                "model": model.state_dict(),
+                "opt": opt.state_dict(),
+                "sched": sched.state_dict(),
+                "gen": gen.get_state(),
+            }
+            _atomic_write(checkpoint, lambda fh, state=state: torch.save(state, fh))
         if progress is not None:
             progress(epoch, loss, time.perf_counter() - t_ep)
-    seconds = time.perf_counter() - t0
+    seconds = spent + time.perf_counter() - t0
     model = model.to(memory_format=torch.contiguous_format)
     return model.eval(), seconds
+
+
+def _resume(
+    path: Path,
+    run: dict[str, Any],
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    gen: torch.Generator,
+) -> tuple[int, float]:
+    """Load a :func:`fit` checkpoint into the fresh training state; returns (epochs done,
+    seconds spent). Refuses one written for another run, naming what differs."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved = state["run"]
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable training checkpoint ({exc}); delete it") from exc
+    if saved != run:
+        diff = {k: (saved.get(k), v) for k, v in run.items() if saved.get(k) != v}
+        raise ValueError(
+            f"{path} is a checkpoint of another run (checkpoint vs now: {diff}); delete it "
+            "to start afresh"
+        )
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    gen.set_state(state["gen"])
+    return int(state["epoch"]), float(state["seconds"])
 
 
 def _make_optimizer(

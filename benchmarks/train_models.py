@@ -8,7 +8,8 @@ Each model is a width-scaled CIFAR ResNet-18 (width 16 on a CPU; pass ``--width 
 full network on a GPU machine), written to ``CACHE/models/NAME.pt`` (a state dict, loadable with
 ``weights_only=True``) next to ``NAME.json``: the attack's settings, training time, and the
 undefended clean accuracy (overall and per class) and attack success rate on the test split.
-A model whose files exist is skipped, so an interrupted queue resumes where it stopped.
+A model whose files exist is skipped, so an interrupted queue resumes where it stopped; a model
+interrupted in training resumes after its last finished epoch (``CACHE/models/NAME.partial.pt``).
 
 A name may end in ``_eN`` (``wanet_e24``): the same model trained for N epochs instead of the
 default, cached under its own name.
@@ -86,7 +87,12 @@ def model_paths(cache_dir: Path, name: str) -> tuple[Path, Path]:
 
 
 def train_one(
-    name: str, data: dict[str, np.ndarray], width: int, epochs: int | None, seed: int
+    name: str,
+    data: dict[str, np.ndarray],
+    width: int,
+    epochs: int | None,
+    seed: int,
+    checkpoint: Path | None = None,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     x, y = data["x_train"], data["y_train"]
     record: dict[str, Any] = {"name": name, "width": width, "seed": seed}
@@ -111,7 +117,14 @@ def train_one(
         print(f"{name}: epoch {epoch}/{n_epochs} loss {loss:.4f} {seconds:.1f}s", flush=True)
 
     model, seconds = fit(
-        x, y, width=width, epochs=n_epochs, seed=seed, progress=progress, late=late
+        x,
+        y,
+        width=width,
+        epochs=n_epochs,
+        seed=seed,
+        progress=progress,
+        late=late,
+        checkpoint=checkpoint,
     )
     record.update(epochs=n_epochs, train_seconds=round(seconds, 1), n_train=len(y))
     xt, yt = data["x_test"], data["y_test"]
@@ -144,9 +157,13 @@ def main(argv: list[str] | None = None) -> int:
         if ckpt.exists() and sidecar.exists():
             print(f"{name}: cached at {ckpt}", flush=True)
             continue
-        model, record = train_one(name, data, args.width, args.epochs, args.seed)
+        partial = ckpt.with_suffix(".partial.pt")
+        if partial.exists():
+            print(f"{name}: resuming from {partial}", flush=True)
+        model, record = train_one(name, data, args.width, args.epochs, args.seed, partial)
         _atomic_write(ckpt, lambda fh, m=model: torch.save(m.state_dict(), fh))
         _atomic_write(sidecar, lambda fh, r=record: fh.write(json.dumps(r, indent=2).encode()))
+        partial.unlink(missing_ok=True)
         print(json.dumps(record), flush=True)
     return 0
 

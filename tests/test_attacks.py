@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -124,3 +127,36 @@ def test_model_names_may_carry_their_epochs() -> None:
     for bad in ("wanet_e0", "wanet_ex", "nope", "nope_e3"):
         with pytest.raises(ValueError, match="unknown model"):
             parse_name(bad)
+
+
+def test_training_resumes_from_its_checkpoint_exactly(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from benchmarks.cifar import fit
+
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, size=(96, 32, 32, 3), dtype=np.uint8)
+    y = rng.integers(0, 10, size=96)
+    kw: dict[str, Any] = {"width": 4, "epochs": 3, "bf16": False}
+    straight, _ = fit(x, y, **kw)
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_two(epoch: int, loss: float, seconds: float) -> None:
+        if epoch == 2:
+            raise Interrupted
+
+    ckpt = tmp_path / "run.partial.pt"
+    with pytest.raises(Interrupted):
+        fit(x, y, progress=stop_after_two, checkpoint=ckpt, **kw)
+    epochs_seen: list[int] = []
+    resumed, _ = fit(x, y, progress=lambda e, loss, s: epochs_seen.append(e), checkpoint=ckpt, **kw)
+    assert epochs_seen == [3]
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+    # a checkpoint of another run is refused, naming what differs
+    with pytest.raises(ValueError, match="epochs"):
+        fit(x, y, checkpoint=ckpt, width=4, epochs=5, bf16=False)
+    ckpt.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable training checkpoint"):
+        fit(x, y, checkpoint=ckpt, **kw)
