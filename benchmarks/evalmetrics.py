@@ -65,6 +65,14 @@ def strip_blend(x: np.ndarray, backgrounds: np.ndarray) -> np.ndarray:
     return np.clip(total, 0, 255).astype(np.uint8)
 
 
+def tpr_at_fpr(neg: np.ndarray, pos: np.ndarray, fpr: float) -> tuple[float, float]:
+    """(TPR, achieved FPR) of flagging ``score > t`` with t set on the negatives themselves so
+    that at most a fraction ``fpr`` of them is flagged: a detector's power at a matched clean
+    flag rate, whatever its null (an oracle threshold, for comparing statistics, not a rule)."""
+    t = -low_tail_threshold(-np.asarray(neg, dtype=np.float64), fpr)
+    return float(np.mean(np.asarray(pos) > t)), float(np.mean(np.asarray(neg) > t))
+
+
 def low_tail_threshold(clean_scores: np.ndarray, fpr: float) -> float:
     """Threshold t such that flagging ``score < t`` flags at most a fraction ``fpr`` of the clean
     scores it was set on (the empirical lower quantile; STRIP flags low entropy)."""

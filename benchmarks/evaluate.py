@@ -21,6 +21,9 @@ with the guard's own decision code (``guard.mmdf.decide``):
 - AUROC of the MMDF statistic (clean vs triggered) and of STRIP's entropy on the same 1000 clean
   and 1000 triggered evaluation images; STRIP flags at the threshold that gives the same nominal
   FPR (the manifest's alpha) on the STRIP split, never on the images it is scored on;
+- the guard's TPR at a matched FPR: the MMDF statistic thresholded at the evaluation set's own
+  clean (1 - alpha) quantile, an oracle that compares statistics (calibration variants) apart
+  from how well each null fits;
 - forward passes per input: 2 for the guard (original and bounded network), 1 + 64 for STRIP;
 - the guarded figures again for every null kind (``gaussian``, ``yeojohnson``, ``empirical``),
   each fitted on the same held-out clean statistics as the artifact's own null.
@@ -58,6 +61,7 @@ from benchmarks.evalmetrics import (
     roc_curve,
     strip_blend,
     strip_entropy,
+    tpr_at_fpr,
 )
 from benchmarks.train_models import IMBALANCED, NAMES, model_name, model_paths, parse_name
 
@@ -216,6 +220,8 @@ def evaluate_attack(
 
     d_clean, d_trig = statistic(g, gz), statistic(tg, tgz)
     res["auroc_guard_full"] = auroc(d_clean, d_trig)
+    tpr, fpr = tpr_at_fpr(d_clean, d_trig, art.rule.alpha)
+    res["guard_at_matched_fpr"] = {"tpr": tpr, "fpr": fpr}
 
     # STRIP on the same subset the guard's AUROC is compared on.
     rng = np.random.default_rng(7)
@@ -407,17 +413,20 @@ def table(cache_dir: Path, null_kind: str | None = None) -> str:
         lines += [
             "",
             "| model | calibration variant | mmguard calibrate flags | clean FPR "
-            "| guarded clean acc | guarded ASR | TPR | AUROC MMDF | MM-BD p |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| guarded clean acc | guarded ASR | TPR | TPR at a matched FPR | AUROC MMDF "
+            "| MM-BD p |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         defaults = sorted({path.parent / "results.json" for path in variants})
         for path in [d for d in defaults if d.exists()] + variants:
             r = json.loads(path.read_text())
             v, p = r.get("variant", {"name": "default", "calibrate_args": ""}), r["p"]
+            m = r.get("guard_at_matched_fpr")
+            matched = f"{pct(m['tpr'])} (FPR {pct(m['fpr'])})" if m else "-"
             lines.append(
                 f"| {path.parent.name} | {v['name']} | `{v['calibrate_args'] or '(defaults)'}` | "
                 f"{pct(p['fpr'])} | {pct(p['clean_accuracy'])} | {pct(p['asr'])} | "
-                f"{pct(p['tpr'])} | {r['auroc_guard_subset']:.4f} | "
+                f"{pct(p['tpr'])} | {matched} | {r['auroc_guard_subset']:.4f} | "
                 f"{(r.get('mmbd') or {}).get('p_value', float('nan')):.2g} |"
             )
     imb = [(n, r) for n, r in res.items() if parse_name(n)[0] in IMBALANCED]

@@ -14,6 +14,7 @@ from benchmarks.evalmetrics import (
     roc_curve,
     strip_blend,
     strip_entropy,
+    tpr_at_fpr,
 )
 
 
@@ -69,6 +70,14 @@ def test_low_tail_threshold_flags_at_most_the_nominal_fraction() -> None:
     assert low_tail_threshold(scores, 0.0) == 0.0  # flags nothing
     with pytest.raises(ValueError, match="no clean scores"):
         low_tail_threshold(np.array([]), 0.01)
+
+
+def test_tpr_at_fpr_sets_the_threshold_on_the_negatives() -> None:
+    neg = np.arange(1000, dtype=float)  # 0..999: flagging > 994 flags 5 of them, 0.5%
+    pos = np.array([994.0, 995.0, 2000.0, -1.0])
+    assert tpr_at_fpr(neg, pos, 0.005) == (0.5, 0.005)
+    assert tpr_at_fpr(neg, pos, 0.0) == (0.25, 0.0)  # nothing clean flagged: only 2000 > 999
+    assert tpr_at_fpr(neg, pos, 1.0) == (1.0, 1.0)  # flags everything
 
 
 def _result(asr: float, variant: dict[str, str] | None = None) -> dict[str, object]:
