@@ -409,7 +409,13 @@ def table(cache_dir: Path, null_kind: str | None = None) -> str:
                 f"{pct(p['asr'])} | {pct(p['restored'])} | {pct(p['tpr'])} |"
             )
     variants = sorted((cache_dir / "eval").glob("*/results-*.json"))
-    if variants:
+    with_defaults = [
+        path
+        for model in sorted({v.parent for v in variants})
+        for path in (model / "results.json", *sorted(model.glob("results-*.json")))
+        if path.exists() and "p" in json.loads(path.read_text())  # attacks, not MMOM
+    ]
+    if with_defaults:
         lines += [
             "",
             "| model | calibration variant | mmguard calibrate flags | clean FPR "
@@ -417,8 +423,7 @@ def table(cache_dir: Path, null_kind: str | None = None) -> str:
             "| MM-BD p |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
-        defaults = sorted({path.parent / "results.json" for path in variants})
-        for path in [d for d in defaults if d.exists()] + variants:
+        for path in with_defaults:
             r = json.loads(path.read_text())
             v, p = r.get("variant", {"name": "default", "calibrate_args": ""}), r["p"]
             m = r.get("guard_at_matched_fpr")
