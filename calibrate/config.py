@@ -120,8 +120,8 @@ class CalibrationConfig:
     # MMDF null: yeojohnson (default: a Gaussian of the Yeo-Johnson-transformed statistic),
     # gaussian (SPEC 4.3's default, a Gaussian of d itself) or empirical (conformal p-values).
     # The clean statistic is right-skewed; on the seven CIFAR-10 evaluation models at alpha
-    # 0.005 the plain Gaussian flagged over 1% of clean inputs on four, the transformed one on
-    # one (docs/RESULTS.md).
+    # 0.005 the plain Gaussian flagged over 1% of clean inputs on five, the transformed one on
+    # none (docs/RESULTS.md).
     null: NullKind = "yeojohnson"
     # MMDF flags inputs with p < alpha
     alpha: float = 0.005

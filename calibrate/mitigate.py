@@ -31,6 +31,10 @@ class MitigationResult:
     iterations: int = 0
     seconds: float = 0.0
     final_lambda: float = 0.0
+    # MMAC runs that end with the bounded network below its agreement target (max_iters reached
+    # while the controller was still pulling agreement back) return the bounds of the last
+    # iteration that met it: that iteration's number, else None
+    bounds_from_iteration: int | None = None
 
 
 def _fidelity(
@@ -110,6 +114,8 @@ def learn_bounds(
     x_max.requires_grad_(fused)
     opt_x = ascent_optimizer(x_max, warm) if fused else None
     previous = float("nan")
+    # the bounds each MMAC iteration measured its agreement with, kept while it met the target
+    last_on_target: tuple[int, list[torch.Tensor]] | None = None
     for it in range(1, sched.max_iters + 1):
         if sched.mm_source == "bounded" and warm.steps:
             with torch.no_grad():
@@ -119,7 +125,10 @@ def learn_bounds(
             x_max, _ = maximize_margins(original, x_max, k_max, cold)
         if opt_x is not None:
             opt_x.zero_grad(set_to_none=True)
+        measured = [b.detach().clone() for b in net.bounds()] if cfg.objective == "mmac" else []
         row = _descent_step(net, opt, images, reference, agree_with, x_max, k_max, lam.lam, cfg)
+        if measured and row["agreement"] >= cfg.target_agreement:
+            last_on_target = (it, measured)
         if opt_x is not None:
             opt_x.step()  # ascent on the maxima from the same pass, Z as it was
             with torch.no_grad():
@@ -135,6 +144,12 @@ def learn_bounds(
         if it >= sched.min_iters and on_target and settled:
             break
         previous = row["loss"]
+    ended_off_target = cfg.objective == "mmac" and row["agreement"] < cfg.target_agreement
+    if ended_off_target and last_on_target is not None:
+        result.bounds_from_iteration, kept = last_on_target
+        with torch.no_grad():
+            for bound, value in zip(net.bounds(), kept, strict=True):
+                bound.copy_(value)
     result.maxima, result.maxima_targets = x_max.detach(), k_max
     result.iterations = len(result.history)
     result.final_lambda = lam.lam

@@ -290,6 +290,7 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
             "bounds": bounds,
             "history": mit.history,
             "iterations": mit.iterations,
+            "bounds_from_iteration": mit.bounds_from_iteration,
             "final_lambda": mit.final_lambda,
             "timing_s": timing,
         }
