@@ -19,6 +19,7 @@ _SCHEDULE_FLAGS: dict[str, type] = {
     "mm_source": str,
     "max_iters": int,
     "min_iters": int,
+    "overtime_iters": int,
     "loss_rel_tol": float,
     "cold_ascent_steps": int,
     "warm_ascent_steps": int,

@@ -32,6 +32,10 @@ class ScheduleConfig:
     max_iters: int = 80
     # never stop before this many iterations (the lambda controller needs some)
     min_iters: int = 50
+    # MMAC at max_iters below its agreement target: go on for at most this many iterations,
+    # stopping as soon as the target is met again (the controller is still pulling it back);
+    # a run still below it then returns the bounds of the last iteration that met it
+    overtime_iters: int = 40
     # stop when |loss_t - loss_{t-1}| <= loss_rel_tol * |loss_{t-1}| (0: run max_iters)
     loss_rel_tol: float = 1e-3
     # ascent steps from uniform random starts for a fresh draw of maxima (the pipeline seeds
@@ -69,6 +73,7 @@ class ScheduleConfig:
         _check(self.ascent_optimizer in ("adam", "sgd"), "ascent_optimizer", self.ascent_optimizer)
         _check(self.max_iters >= 1, "max_iters", self.max_iters)
         _check(0 <= self.min_iters <= self.max_iters, "min_iters", self.min_iters)
+        _check(self.overtime_iters >= 0, "overtime_iters", self.overtime_iters)
         _check(self.loss_rel_tol >= 0, "loss_rel_tol", self.loss_rel_tol)
         _check(self.cold_ascent_steps >= 0, "cold_ascent_steps", self.cold_ascent_steps)
         _check(self.warm_ascent_steps >= 0, "warm_ascent_steps", self.warm_ascent_steps)
@@ -88,6 +93,7 @@ REFERENCE_SCHEDULE = ScheduleConfig(
     mm_source="original",
     max_iters=300,
     min_iters=300,
+    overtime_iters=0,
     loss_rel_tol=0.0,
     cold_ascent_steps=300,
     warm_ascent_steps=0,

@@ -31,9 +31,8 @@ class MitigationResult:
     iterations: int = 0
     seconds: float = 0.0
     final_lambda: float = 0.0
-    # MMAC runs that end with the bounded network below its agreement target (max_iters reached
-    # while the controller was still pulling agreement back) return the bounds of the last
-    # iteration that met it: that iteration's number, else None
+    # an MMAC run still below its agreement target after max_iters + overtime_iters returns the
+    # bounds of the last iteration that met it: that iteration's number, else None
     bounds_from_iteration: int | None = None
 
 
@@ -116,7 +115,7 @@ def learn_bounds(
     previous = float("nan")
     # the bounds each MMAC iteration measured its agreement with, kept while it met the target
     last_on_target: tuple[int, list[torch.Tensor]] | None = None
-    for it in range(1, sched.max_iters + 1):
+    for it in range(1, sched.max_iters + sched.overtime_iters + 1):
         if sched.mm_source == "bounded" and warm.steps:
             with torch.no_grad():
                 x_max.copy_(maximize_margins(net, x_max, k_max, warm)[0])
@@ -142,6 +141,8 @@ def learn_bounds(
         on_target = cfg.objective == "mmom" or row["agreement"] >= cfg.target_agreement
         settled = converged(previous, row["loss"], sched.loss_rel_tol)
         if it >= sched.min_iters and on_target and settled:
+            break
+        if it >= sched.max_iters and on_target:  # at or past the cap: stop once on target
             break
         previous = row["loss"]
     ended_off_target = cfg.objective == "mmac" and row["agreement"] < cfg.target_agreement

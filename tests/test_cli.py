@@ -137,6 +137,7 @@ def test_existing_output_needs_force(tmp_path: Path) -> None:
         ("--heldout-fraction", "0", "heldout_fraction"),
         ("--bound-init", "large", "bound_init"),
         ("--max-iters", "0", "max_iters"),
+        ("--overtime-iters", "-1", "overtime_iters"),
     ],
 )
 def test_bad_option_values(tmp_path: Path, flag: str, value: str, fragment: str) -> None:

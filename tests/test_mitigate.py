@@ -4,6 +4,7 @@ agreement target whenever any iteration did."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 import torch
@@ -28,7 +29,7 @@ class _Centre(nn.Module):
 
 
 def _setup(
-    lambda_init: float, max_iters: int
+    lambda_init: float, max_iters: int, **schedule_overrides: Any
 ) -> tuple[BoundedNetwork, nn.Module, torch.Tensor, torch.Tensor, CalibrationConfig]:
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -56,7 +57,9 @@ def _setup(
         lambda_init=lambda_init,
         lambda_warmup=10_000,  # the controller never acts: nothing pulls agreement back
         bound_lr=0.2,
+        overtime_iters=0,
     )
+    schedule = dataclasses.replace(schedule, **schedule_overrides)
     cfg = dataclasses.replace(CalibrationConfig(), schedule=schedule)
     with torch.no_grad():
         reference = model(images)
@@ -87,3 +90,48 @@ def test_a_run_ending_on_target_keeps_its_final_bounds() -> None:
     result = learn_bounds(net, model, images, reference, 4, 5, cfg)
     assert result.history[-1]["agreement"] >= cfg.target_agreement
     assert result.bounds_from_iteration is None
+
+
+def _scripted(monkeypatch: pytest.MonkeyPatch, agreements: list[float]) -> None:
+    """Replace the descent step: iteration i reports agreements[i - 1] and then adds 1 to every
+    bound, so the bounds measured at iteration i are init + (i - 1)."""
+    import calibrate.mitigate as mitigate
+
+    calls = iter(agreements)
+
+    def step(net: BoundedNetwork, *args: Any) -> dict[str, float]:
+        row = {"loss": 1.0, "fidelity": 0.0, "margin": 1.0, "lambda": 0.0, "agreement": next(calls)}
+        with torch.no_grad():
+            for b in net.bounds():
+                b.add_(1.0)
+        return row
+
+    monkeypatch.setattr(mitigate, "_descent_step", step)
+
+
+@pytest.mark.parametrize(
+    ("agreements", "iterations", "from_iteration", "steps_kept"),
+    [
+        # below target at the cap (iteration 4): overtime runs until iteration 6 meets it again
+        ([1.0, 0.96, 0.9, 0.9, 0.92, 0.97, 1.0, 1.0], 6, None, 6),
+        # still below after 3 overtime iterations: the bounds iteration 2 was measured with
+        ([1.0, 0.96, 0.9, 0.9, 0.92, 0.93, 0.94], 7, 2, 1),
+        # on target at the cap: the loss never settles (tol 0) but the run stops there
+        ([1.0, 0.9, 0.9, 0.96, 0.9], 4, None, 4),
+    ],
+)
+def test_overtime_and_the_fallback_to_the_last_bounds_on_target(
+    monkeypatch: pytest.MonkeyPatch,
+    agreements: list[float],
+    iterations: int,
+    from_iteration: int | None,
+    steps_kept: int,
+) -> None:
+    net, model, images, reference, cfg = _setup(lambda_init=1.0, max_iters=4, overtime_iters=3)
+    init = [b.detach().clone() for b in net.bounds()]
+    _scripted(monkeypatch, agreements)
+    result = learn_bounds(net, model, images, reference, 4, 5, cfg)
+    assert result.iterations == iterations
+    assert result.bounds_from_iteration == from_iteration
+    for b, b0 in zip(net.bounds(), init, strict=True):
+        torch.testing.assert_close(b.detach(), b0 + steps_kept, rtol=0, atol=0)
