@@ -206,6 +206,12 @@ def summary(report: dict[str, Any], out: Path) -> str:
     from calibrate.report import null_fit_advice
 
     advice = null_fit_advice(report)
+    kept = report.get("bounds_from_iteration")
+    fallback = (
+        f"  note: the bounded network was still below the agreement target after "
+        f"{report['iterations']} iterations; these are the bounds of iteration {kept}, the last "
+        "that met it (more --overtime-iters or a smaller --lambda-init let a run finish on it)"
+    )
     return "\n".join(
         [
             f"wrote {out} ({report['iterations']} iterations, {report['timing_s']['total']:.1f} s)",
@@ -215,6 +221,7 @@ def summary(report: dict[str, Any], out: Path) -> str:
             f"false-positive rate {h['false_positive_rate']:.2%} "
             f"at alpha {report['null']['alpha']}",
             *([f"  note: {advice}"] if advice else []),
+            *([fallback] if kept is not None else []),
             f"  report: {out / 'report.md'}",
         ]
     )

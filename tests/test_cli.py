@@ -245,3 +245,26 @@ def test_torchvision_arch_with_normalisation_on_an_image_folder(tmp_path: Path) 
     sess = ort.InferenceSession(str(out / "original.onnx"), providers=["CPUExecutionProvider"])
     got = sess.run(None, {"input": x})[0]
     assert np.max(np.abs(got - want)) <= 1e-4
+
+
+def test_summary_says_when_the_run_fell_back_to_earlier_bounds(tmp_path: Path) -> None:
+    from calibrate.cli import summary
+
+    report = {
+        "heldout": {
+            "accuracy_original": 0.8,
+            "accuracy_guarded": 0.79,
+            "agreement": 0.93,
+            "false_positive_rate": 0.005,
+        },
+        "mmbd": {"suspected": False, "p_value": 0.4, "target": 0},
+        "model": {"class_names": ["a", "b"]},
+        "iterations": 120,
+        "timing_s": {"total": 10.0},
+        "null": {"alpha": 0.005, "kind": "yeojohnson"},
+        "bounds_from_iteration": 75,
+    }
+    text = summary(report, tmp_path)
+    assert "after 120 iterations; these are the bounds of iteration 75" in text
+    report["bounds_from_iteration"] = None
+    assert "bounds of iteration" not in summary(report, tmp_path)
