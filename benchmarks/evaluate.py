@@ -410,10 +410,10 @@ def table(cache_dir: Path, null_kind: str | None = None) -> str:
             )
     variants = sorted((cache_dir / "eval").glob("*/results-*.json"))
     with_defaults = [
-        path
+        (path, r)
         for model in sorted({v.parent for v in variants})
         for path in (model / "results.json", *sorted(model.glob("results-*.json")))
-        if path.exists() and "p" in json.loads(path.read_text())  # attacks, not MMOM
+        if path.exists() and "p" in (r := json.loads(path.read_text()))  # attacks, not MMOM
     ]
     if with_defaults:
         lines += [
@@ -423,8 +423,7 @@ def table(cache_dir: Path, null_kind: str | None = None) -> str:
             "| MM-BD p |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for path in with_defaults:
-            r = json.loads(path.read_text())
+        for path, r in with_defaults:
             v, p = r.get("variant", {"name": "default", "calibrate_args": ""}), r["p"]
             m = r.get("guard_at_matched_fpr")
             matched = f"{pct(m['tpr'])} (FPR {pct(m['fpr'])})" if m else "-"

@@ -18,6 +18,18 @@ ATTACK_TARGET = 0  # calibrate/examples/tiny/example.json
 
 
 @pytest.fixture(scope="module")
+def torch_one_thread() -> Iterator[None]:
+    """torch on one intra-op thread for a test module: the machine is shared with training jobs,
+    and competing intra-op threads only contend (up to 10x slower)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
 def server(artifact_dir: Path) -> Iterator[Any]:
     """The real server on port 0 with tests.serving.serve_config's defaults (a ServerThread)."""
     from tests.serving import running, serve_config

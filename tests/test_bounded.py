@@ -16,14 +16,7 @@ from calibrate.bounded import BoundedNetwork, ChannelBound, Normalized
 from calibrate.errors import CalibrationError
 from guard.mmdf import masked_margin
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the machine is shared with a training job: intra-op threads only contend (10x slower)
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,13 +14,7 @@ from calibrate.bounded import BoundedNetwork
 from calibrate.config import CalibrationConfig, ScheduleConfig
 from calibrate.mitigate import batched_logits, learn_bounds
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 class _Centre(nn.Module):

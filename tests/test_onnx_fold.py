@@ -20,13 +20,7 @@ from calibrate.synthetic import small_cnn
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the machine is shared with a training job: intra-op threads only contend
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _session(model: onnx.ModelProto) -> Any:
