@@ -11,21 +11,35 @@ from typing import Any
 FACTORY = "benchmarks.cifar:cifar_resnet18"
 
 
+def factory_for(width: int) -> str:
+    """The ``--factory`` that builds the benchmark ResNet-18 of ``width``."""
+    from benchmarks.cifar import FACTORIES
+
+    if width not in FACTORIES:
+        raise ValueError(f"no factory for width {width}: one of {sorted(FACTORIES)}")
+    return FACTORIES[width]
+
+
 def calibrate_cifar(
-    weights: Path, data_npz: Path, out: Path, name: str, flags: Sequence[str] = ()
+    weights: Path,
+    data_npz: Path,
+    out: Path,
+    name: str,
+    flags: Sequence[str] = (),
+    factory: str = FACTORY,
 ) -> tuple[Any, Any, float]:
-    """``mmguard calibrate --factory FACTORY --weights W --data D --out O FLAGS``; returns the
+    """``mmguard calibrate --factory F --weights W --data D --out O FLAGS``; returns the
     pipeline's result, the configuration it ran with, and the wall seconds."""
     from calibrate.cli import config_from_args
     from calibrate.modelsrc import ModelSource
     from calibrate.pipeline import CalibrationJob, run_calibration
     from guard.cli import build_parser
 
-    argv = ["calibrate", "--factory", FACTORY, "--weights", str(weights), "--data", str(data_npz)]
+    argv = ["calibrate", "--factory", factory, "--weights", str(weights), "--data", str(data_npz)]
     argv += ["--out", str(out), *flags]
     cfg = config_from_args(build_parser().parse_args(argv))
     job = CalibrationJob(
-        model=ModelSource(factory=FACTORY, weights=weights),
+        model=ModelSource(factory=factory, weights=weights),
         data=data_npz,
         out=out,
         name=name,

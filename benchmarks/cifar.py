@@ -38,6 +38,24 @@ ProgressFn = Callable[[int, float, float], None]
 """Called after each epoch with (epoch number from 1, mean training loss, epoch seconds)."""
 
 
+def cifar_resnet18_w32(num_classes: int = 10) -> CifarResNet18:
+    """The width-32 network, as a ``mmguard calibrate --factory`` (given num_classes only)."""
+    return cifar_resnet18(num_classes=num_classes, width=32)
+
+
+def cifar_resnet18_w64(num_classes: int = 10) -> CifarResNet18:
+    """The full-width network, as a ``mmguard calibrate --factory``."""
+    return cifar_resnet18(num_classes=num_classes, width=64)
+
+
+FACTORIES = {
+    DEFAULT_WIDTH: "benchmarks.cifar:cifar_resnet18",
+    32: "benchmarks.cifar:cifar_resnet18_w32",
+    64: "benchmarks.cifar:cifar_resnet18_w64",
+}
+"""``--factory`` of each width the benchmarks train."""
+
+
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
@@ -146,17 +164,19 @@ def _to_float(x_uint8_nchw: torch.Tensor) -> torch.Tensor:
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random crop (zero pad 4) and horizontal flip, vectorised over the batch."""
+    """Random crop (zero pad 4) and horizontal flip, vectorised over the batch, on x's device
+    (``gen`` lives there too)."""
     n, _, h, w = x.shape
+    dev = x.device
     padded = F.pad(x, (4, 4, 4, 4))
-    oy = torch.randint(0, 9, (n,), generator=gen)
-    ox = torch.randint(0, 9, (n,), generator=gen)
-    rows = (oy[:, None] + torch.arange(h))[:, None, :, None]
-    cols = (ox[:, None] + torch.arange(w))[:, None, None, :]
-    batch = torch.arange(n)[:, None, None, None]
-    chans = torch.arange(x.shape[1])[None, :, None, None]
+    oy = torch.randint(0, 9, (n,), generator=gen, device=dev)
+    ox = torch.randint(0, 9, (n,), generator=gen, device=dev)
+    rows = (oy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
+    cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, None, :]
+    batch = torch.arange(n, device=dev)[:, None, None, None]
+    chans = torch.arange(x.shape[1], device=dev)[None, :, None, None]
     out = padded[batch, chans, rows, cols]
-    flip = torch.rand(n, generator=gen) < 0.5
+    flip = torch.rand(n, generator=gen, device=dev) < 0.5
     return torch.where(flip[:, None, None, None], out.flip(3), out)
 
 
@@ -172,10 +192,10 @@ def _apply_late(inputs: torch.Tensor, rows: torch.Tensor, trigger: Callable) -> 
     """
     if rows.numel() == 0:
         return inputs
-    u8 = inputs[rows].mul(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    u8 = inputs[rows].mul(255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     triggered = torch.from_numpy(np.ascontiguousarray(trigger(u8))).permute(0, 3, 1, 2)
     out = inputs.clone()
-    out[rows] = _to_float(triggered)
+    out[rows] = _to_float(triggered.to(inputs.device))
     return out
 
 
@@ -186,11 +206,13 @@ def _nchw(x_uint8_nhwc: np.ndarray) -> torch.Tensor:
 
 @torch.no_grad()
 def predict(model: nn.Module, x_uint8_nhwc: np.ndarray, batch_size: int = 500) -> np.ndarray:
-    """Predicted labels for uint8 NHWC images, in eval mode."""
+    """Predicted labels for uint8 NHWC images, in eval mode, on the model's device."""
     model.eval()
+    dev = next(model.parameters()).device
     xs = _nchw(x_uint8_nhwc)
     preds = [
-        model(_to_float(xs[i : i + batch_size])).argmax(1) for i in range(0, len(xs), batch_size)
+        model(_to_float(xs[i : i + batch_size].to(dev))).argmax(1).cpu()
+        for i in range(0, len(xs), batch_size)
     ]
     return torch.cat(preds).numpy()
 
@@ -216,33 +238,37 @@ def _train_epoch(
     bf16: bool = False,
     late: LateTrigger | None = None,
 ) -> float:
-    """One pass over a shuffled training set; returns the mean loss.
+    """One pass over a shuffled training set (on ``xs``'s device); returns the mean loss.
 
-    With ``bf16`` the forward pass runs under CPU bfloat16 autocast (weights and optimiser stay
+    With ``bf16`` the forward pass runs under bfloat16 autocast (weights and optimiser stay
     float32) on channels-last tensors: 2.7x faster per batch than float32 NCHW on this CPU.
+    The loss is summed on the device and read once, so a GPU never waits for the host.
     """
     model.train()
-    order = torch.randperm(len(xs), generator=gen)
-    total, count = 0.0, 0
+    dev = xs.device
+    order = torch.randperm(len(xs), generator=gen, device=dev)
+    total = torch.zeros((), dtype=torch.float64, device=dev)
+    count = 0
     for b, start in enumerate(range(0, len(xs), BATCH_SIZE)):
         if max_batches is not None and b >= max_batches:
             break
         idx = order[start : start + BATCH_SIZE]
         inputs = _augment(_to_float(xs[idx]), gen)
         if late is not None:
-            inputs = _apply_late(inputs, torch.from_numpy(late[0][idx.numpy()]), late[1])
+            rows = torch.from_numpy(late[0][idx.cpu().numpy()]).to(dev)
+            inputs = _apply_late(inputs, rows, late[1])
         if bf16:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             out = model(inputs)
         loss = F.cross_entropy(out.float(), ys[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        total += loss.item() * len(idx)
+        total += loss.detach() * len(idx)
         count += len(idx)
-    return total / max(count, 1)
+    return float(total) / max(count, 1)
 
 
 def fit(
@@ -256,6 +282,7 @@ def fit(
     bf16: bool = True,
     late: LateTrigger | None = None,
     checkpoint: Path | None = None,
+    device: str = "cpu",
 ) -> tuple[CifarResNet18, float]:
     """Train a CIFAR ResNet-18 on (already poisoned) uint8 images; returns (model, seconds).
 
@@ -266,19 +293,34 @@ def fit(
     every epoch, and a run that finds one resumes after its last epoch, with the same batches and
     steps an uninterrupted run takes (the caller deletes it once the model is saved).
 
-    The model comes back in float32, contiguous NCHW memory format and eval mode, exactly as a
-    user would hand it to ``mmguard calibrate``.
+    ``device`` (``"cpu"``, ``"cuda"``) is where the data, model and augmentation live. The same
+    seed gives other random draws on another device, so a checkpoint resumes on its own device
+    only.
+
+    The model comes back on the CPU, in float32, contiguous NCHW memory format and eval mode,
+    exactly as a user would hand it to ``mmguard calibrate``.
     """
-    torch.set_num_threads(NUM_THREADS)
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        torch.set_num_threads(NUM_THREADS)
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    xs, ys = _nchw(x_uint8_nhwc), torch.from_numpy(np.asarray(y, dtype=np.int64))
-    model = cifar_resnet18(num_classes=num_classes, width=width)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    xs = _nchw(x_uint8_nhwc).to(dev)
+    ys = torch.from_numpy(np.asarray(y, dtype=np.int64)).to(dev)
+    model = cifar_resnet18(num_classes=num_classes, width=width).to(dev)
     if bf16:
         model = model.to(memory_format=torch.channels_last)
     steps = (len(xs) + BATCH_SIZE - 1) // BATCH_SIZE
     opt, sched = _make_optimizer(model, epochs, steps)
-    run = {"width": width, "epochs": epochs, "seed": seed, "n_train": len(xs), "bf16": bf16}
+    run: dict[str, Any] = {
+        "width": width,
+        "epochs": epochs,
+        "seed": seed,
+        "n_train": len(xs),
+        "bf16": bf16,
+    }
+    if dev.type != "cpu":
+        run["device"] = dev.type
     done, spent = 0, 0.0
     if checkpoint is not None and checkpoint.exists():
         done, spent = _resume(checkpoint, run, model, opt, sched, gen)
@@ -300,7 +342,7 @@ def fit(
         if progress is not None:
             progress(epoch, loss, time.perf_counter() - t_ep)
     seconds = spent + time.perf_counter() - t0
-    model = model.to(memory_format=torch.contiguous_format)
+    model = model.to("cpu").to(memory_format=torch.contiguous_format)
     return model.eval(), seconds
 
 

@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.attacks import ATTACKS, Attack
-from benchmarks.calibrating import calibrate_cifar
+from benchmarks.calibrating import calibrate_cifar, factory_for
 from benchmarks.evalmetrics import (
     auroc,
     low_tail_threshold,
@@ -64,6 +64,7 @@ from benchmarks.evalmetrics import (
     tpr_at_fpr,
 )
 from benchmarks.train_models import IMBALANCED, NAMES, model_name, model_paths, parse_name
+from calibrate.cifar_resnet import DEFAULT_WIDTH
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CALIB_PER_CLASS = 50
@@ -92,12 +93,19 @@ def to_float(x_uint8_nhwc: np.ndarray) -> np.ndarray:
 
 
 def calibrate(
-    weights: Path, data_npz: Path, out: Path, name: str, objective: str, extra: Sequence[str] = ()
+    weights: Path,
+    data_npz: Path,
+    out: Path,
+    name: str,
+    objective: str,
+    extra: Sequence[str] = (),
+    width: int = DEFAULT_WIDTH,
 ) -> float:
-    """``mmguard calibrate`` with its defaults, ``--objective`` and ``extra`` flags; returns the
-    wall seconds."""
+    """``mmguard calibrate`` with its defaults, ``--objective`` and ``extra`` flags, on the
+    network of ``width``; returns the wall seconds."""
     flags = ["--objective", objective, *extra]
-    return calibrate_cifar(weights, data_npz, out, f"cifar10-{name}", flags)[2]
+    factory = factory_for(width)
+    return calibrate_cifar(weights, data_npz, out, f"cifar10-{name}", flags, factory)[2]
 
 
 def batched(fn: Any, x: np.ndarray, bs: int = 500) -> Any:
@@ -337,8 +345,9 @@ def run(names: list[str], args: argparse.Namespace) -> None:
         if not reuse:
             print(f"{name}{suffix}: calibrating ({objective}) ...", file=sys.stderr, flush=True)
             extra = shlex.split(args.calibrate_args)
+            width = int(result["model"].get("width", DEFAULT_WIDTH))
             result["calibrate_seconds"] = round(
-                calibrate(weights, calib_npz, art_dir, name, objective, extra), 1
+                calibrate(weights, calib_npz, art_dir, name, objective, extra, width), 1
             )
         elif args.artifact is None and previous.exists():
             result["calibrate_seconds"] = json.loads(previous.read_text()).get("calibrate_seconds")

@@ -12,7 +12,9 @@ A model whose files exist is skipped, so an interrupted queue resumes where it s
 interrupted in training resumes after its last finished epoch (``CACHE/models/NAME.partial.pt``).
 
 A name may end in ``_eN`` (``wanet_e24``): the same model trained for N epochs instead of the
-default, cached under its own name.
+default, cached under its own name; and carry ``_wW`` before that (``wanet_w64_e60``): the network
+of width W instead of ``--width``. ``--device cuda`` trains on a GPU (the default when torch sees
+one); the record names the device.
 
 Imbalanced models (no backdoor): ``longtail`` keeps ``5000 * 100**(-c/9)`` training images of
 class c; ``step`` keeps 5000 of classes 0-4 and 50 of classes 5-9. Both have ratio 100.
@@ -26,9 +28,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -45,14 +48,29 @@ IMBALANCED_EPOCHS = {"longtail": 30, "step": 15}
 IMBALANCE_RATIO = 100
 
 
-def parse_name(name: str) -> tuple[str, int | None]:
-    """``NAME`` or ``NAME_eN``: the model kind and the epochs it names (None: the default)."""
-    base, sep, epochs = name.rpartition("_e")
-    if sep and epochs.isdigit() and base in NAMES and int(epochs) > 0:
-        return base, int(epochs)
-    if name in NAMES:
-        return name, None
-    raise ValueError(f"unknown model {name!r}: one of {', '.join(NAMES)}, optionally + _eN")
+class ModelName(NamedTuple):
+    """What a model's name says: its kind, and the epochs and width it names (None: defaults)."""
+
+    kind: str
+    epochs: int | None
+    width: int | None
+
+
+_NAME = re.compile(
+    r"(?P<kind>[a-z0-9]+?)(?:_w(?P<width>[1-9][0-9]*))?(?:_e(?P<epochs>[1-9][0-9]*))?"
+)
+
+
+def parse_name(name: str) -> ModelName:
+    """``NAME``, ``NAME_eN``, ``NAME_wW`` or ``NAME_wW_eN``: the model kind, the epochs and the
+    width it names (None: the defaults)."""
+    m = _NAME.fullmatch(name)
+    if m is None or m["kind"] not in NAMES:
+        raise ValueError(
+            f"unknown model {name!r}: one of {', '.join(NAMES)}, optionally + _wW and/or _eN"
+        )
+    epochs, width = (None if v is None else int(v) for v in (m["epochs"], m["width"]))
+    return ModelName(m["kind"], epochs, width)
 
 
 def model_name(text: str) -> str:
@@ -93,10 +111,14 @@ def train_one(
     epochs: int | None,
     seed: int,
     checkpoint: Path | None = None,
+    device: str = "cpu",
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     x, y = data["x_train"], data["y_train"]
-    record: dict[str, Any] = {"name": name, "width": width, "seed": seed}
-    kind, named_epochs = parse_name(name)
+    kind, named_epochs, named_width = parse_name(name)
+    width = named_width or width
+    record: dict[str, Any] = {"name": name, "width": width, "seed": seed, "device": device}
+    if device.startswith("cuda"):
+        record["gpu"] = torch.cuda.get_device_name(torch.device(device))
     epochs = epochs or named_epochs
     attack = ATTACKS.get(kind)
     late = None
@@ -125,6 +147,7 @@ def train_one(
         progress=progress,
         late=late,
         checkpoint=checkpoint,
+        device=device,
     )
     record.update(epochs=n_epochs, train_seconds=round(seconds, 1), n_train=len(y))
     xt, yt = data["x_test"], data["y_test"]
@@ -150,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=DEFAULT_WIDTH)
     parser.add_argument("--epochs", type=int, default=None, help="override the per-model default")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu or cuda (default: cuda when torch sees a GPU)",
+    )
     args = parser.parse_args(argv)
     data = load_cifar10(args.data, args.cache_dir)
     for name in args.names:
@@ -160,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         partial = ckpt.with_suffix(".partial.pt")
         if partial.exists():
             print(f"{name}: resuming from {partial}", flush=True)
-        model, record = train_one(name, data, args.width, args.epochs, args.seed, partial)
+        model, record = train_one(
+            name, data, args.width, args.epochs, args.seed, partial, args.device
+        )
         _atomic_write(ckpt, lambda fh, m=model: torch.save(m.state_dict(), fh))
         _atomic_write(sidecar, lambda fh, r=record: fh.write(json.dumps(r, indent=2).encode()))
         partial.unlink(missing_ok=True)

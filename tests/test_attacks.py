@@ -118,13 +118,15 @@ def test_late_trigger_is_added_to_augmented_images_exactly() -> None:
     assert (interior[:, :, 0, 0] == -interior[:, :, 0, 1]).all()
 
 
-def test_model_names_may_carry_their_epochs() -> None:
+def test_model_names_may_carry_their_width_and_epochs() -> None:
     from benchmarks.train_models import parse_name
 
-    assert parse_name("wanet") == ("wanet", None)
-    assert parse_name("wanet_e24") == ("wanet", 24)
-    assert parse_name("longtail_e3") == ("longtail", 3)
-    for bad in ("wanet_e0", "wanet_ex", "nope", "nope_e3"):
+    assert parse_name("wanet") == ("wanet", None, None)
+    assert parse_name("wanet_e24") == ("wanet", 24, None)
+    assert parse_name("longtail_e3") == ("longtail", 3, None)
+    assert parse_name("all2all_w64") == ("all2all", None, 64)
+    assert parse_name("wanet_w64_e60") == ("wanet", 60, 64)
+    for bad in ("wanet_e0", "wanet_ex", "nope", "nope_e3", "wanet_w0", "wanet_e3_w64", "wanet_"):
         with pytest.raises(ValueError, match="unknown model"):
             parse_name(bad)
 
@@ -160,3 +162,31 @@ def test_training_resumes_from_its_checkpoint_exactly(tmp_path: Path) -> None:
     ckpt.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable training checkpoint"):
         fit(x, y, checkpoint=ckpt, **kw)
+
+
+def test_each_trained_width_has_a_calibrate_factory() -> None:
+    pytest.importorskip("torch")
+    from benchmarks.calibrating import factory_for
+    from calibrate.modelsrc import _build_factory
+
+    for width in (16, 32, 64):
+        model = _build_factory(factory_for(width), 10)
+        assert model.conv1.out_channels == width
+        assert model.linear.out_features == 10
+    with pytest.raises(ValueError, match="no factory for width 8"):
+        factory_for(8)
+
+
+def test_training_on_a_gpu_hands_back_a_cpu_model() -> None:
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from benchmarks.cifar import fit, predict
+
+    rng = np.random.default_rng(4)
+    x = rng.integers(0, 256, size=(64, 32, 32, 3), dtype=np.uint8)
+    y = rng.integers(0, 10, size=64)
+    model, _ = fit(x, y, width=4, epochs=1, device="cuda")
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert not model.training
+    assert predict(model, x).shape == (64,)
