@@ -175,10 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument(
         "--device",
+        choices=("cpu", "cuda"),
         default="cuda" if torch.cuda.is_available() else "cpu",
-        help="cpu or cuda (default: cuda when torch sees a GPU)",
+        help="where to train (default: cuda when torch sees a GPU)",
     )
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA GPU on this machine")
     data = load_cifar10(args.data, args.cache_dir)
     for name in args.names:
         ckpt, sidecar = model_paths(args.cache_dir, name)

@@ -190,3 +190,19 @@ def test_training_on_a_gpu_hands_back_a_cpu_model() -> None:
     assert all(p.device.type == "cpu" for p in model.parameters())
     assert not model.training
     assert predict(model, x).shape == (64,)
+
+
+def test_training_on_a_missing_gpu_stops_with_a_message(capsys: pytest.CaptureFixture) -> None:
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    from benchmarks.train_models import main
+
+    for argv, message in (
+        (["wanet", "--device", "cuda"], "torch sees no CUDA GPU"),
+        (["wanet", "--device", "gpu"], "invalid choice: 'gpu'"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
