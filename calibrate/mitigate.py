@@ -126,7 +126,9 @@ def learn_bounds(
             opt_x.zero_grad(set_to_none=True)
         measured = [b.detach().clone() for b in net.bounds()] if cfg.objective == "mmac" else []
         row = _descent_step(net, opt, images, reference, agree_with, x_max, k_max, lam.lam, cfg)
-        if measured and row["agreement"] >= cfg.target_agreement:
+        # MMAC is not done while the controller is still pulling agreement back to its target
+        on_target = cfg.objective == "mmom" or row["agreement"] >= cfg.target_agreement
+        if measured and on_target:
             last_on_target = (it, measured)
         if opt_x is not None:
             opt_x.step()  # ascent on the maxima from the same pass, Z as it was
@@ -137,8 +139,6 @@ def learn_bounds(
         lam.update(it, row["agreement"])
         if progress is not None:
             progress(it, row)
-        # MMAC is not done while the controller is still pulling agreement back to its target
-        on_target = cfg.objective == "mmom" or row["agreement"] >= cfg.target_agreement
         settled = converged(previous, row["loss"], sched.loss_rel_tol)
         if it >= sched.min_iters and on_target and settled:
             break
