@@ -1,4 +1,5 @@
-"""Server interceptors. StatusInterceptor is the one place where a GuardError becomes a gRPC
+"""Server interceptors. CallTracker sees every call as it reaches the application (the
+shutdown waits on it). StatusInterceptor is the one place where a GuardError becomes a gRPC
 status (any other exception becomes INTERNAL and is logged) and where every inference-service
 RPC is counted and timed. AuthInterceptor checks the bearer token before any handler runs.
 """
@@ -27,6 +28,34 @@ def _unary_handler(handler: Any, fn: Callable[..., Awaitable[Any]]) -> grpc.RpcM
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
+
+
+class CallTracker(grpc.aio.ServerInterceptor):
+    """When a call last reached the application (any method, authorized or not) and how many
+    unary calls are running. Put it first, so that it sees every call."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self.running = 0
+        self.last_arrival = float("-inf")  # on `clock`
+
+    async def intercept_service(
+        self, continuation: Continuation, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        self.last_arrival = self._clock()
+        handler: Any = await continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+
+        async def tracked(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            self.running += 1
+            try:
+                return await inner(request, context)
+            finally:
+                self.running -= 1
+
+        return _unary_handler(handler, tracked)
 
 
 class StatusInterceptor(grpc.aio.ServerInterceptor):

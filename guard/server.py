@@ -29,7 +29,7 @@ from guard.artifact import Artifact, load_artifact
 from guard.config import Device, ServeConfig, TlsConfig
 from guard.dataplane import DataPlane, Engine, server_version
 from guard.health import HealthService
-from guard.interceptors import AuthInterceptor, StatusInterceptor
+from guard.interceptors import AuthInterceptor, CallTracker, StatusInterceptor
 from guard.metrics import GuardMetrics
 from guard.metrics_http import start_metrics_server
 from guard.quarantine import Quarantine
@@ -38,6 +38,10 @@ from guard.servicer import SERVICE_NAME, InferenceServicer
 log = logging.getLogger("guard.server")
 EngineFactory = Callable[[Artifact, Device, int], Engine]
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# The shutdown's lame-duck phase (see GuardServer.stop) ends once no call has reached the server
+# for QUIET_S, or LAME_DUCK_MAX_S after the last running call finished, whichever comes first.
+QUIET_S = 0.1
+LAME_DUCK_MAX_S = 1.0
 
 
 def usable_cpus() -> int:
@@ -88,8 +92,10 @@ class GuardServer:
         registry: CollectorRegistry,
         executor: ThreadPoolExecutor,
         quarantine: Quarantine | None,
+        calls: CallTracker,
     ) -> None:
         self.grpc_server = grpc_server
+        self.calls = calls
         self.dataplane = dataplane
         self.config = config
         self.health = health_servicer
@@ -125,14 +131,17 @@ class GuardServer:
 
     async def stop(self, grace_s: float | None = None) -> None:
         """NOT_SERVING at once; in-flight requests get `grace_s` (default: the configured
-        shutdown grace) to finish, then the rest is cancelled and everything is released."""
+        shutdown grace) to finish, then the rest is cancelled and everything is released.
+        Requests that arrive meanwhile are refused with UNAVAILABLE (see `_lame_duck`)."""
         if self._stopped.is_set():
             return
         grace = self.config.shutdown_grace_s if grace_s is None else grace_s
+        deadline = time.monotonic() + grace
         log.info("shutting down (grace %.1f s)", grace)
         await self.health.enter_graceful_shutdown()
         self.dataplane.set_ready(False)
-        await self.grpc_server.stop(grace)
+        await self._lame_duck(deadline)
+        await self.grpc_server.stop(max(0.0, deadline - time.monotonic()))
         await self.dataplane.batcher.close(timeout_s=0)
         if self._quarantine is not None:
             self._quarantine.close()
@@ -143,12 +152,31 @@ class GuardServer:
         self._stopped.set()
         log.info("stopped")
 
+    async def _lame_duck(self, deadline: float) -> None:
+        """Keep taking calls until the running ones are done and no new one has come for
+        QUIET_S (LAME_DUCK_MAX_S at most once none runs; never past `deadline`). The server is
+        not ready, so the data plane answers new inference calls UNAVAILABLE: a client retries
+        elsewhere. gRPC's own stop would instead cancel the calls it has received but not yet
+        passed on to the application, and their clients would see CANCELLED, a status that does
+        not say the request is safe to send again."""
+        start = time.monotonic()  # calls may be waiting inside gRPC already: wait QUIET_S
+        idle_since: float | None = None
+        while (now := time.monotonic()) < deadline:
+            if self.calls.running > 0:
+                idle_since = None
+            else:
+                idle_since = now if idle_since is None else idle_since
+                quiet_since = max(start, self.calls.last_arrival)
+                if now - quiet_since >= QUIET_S or now - idle_since >= LAME_DUCK_MAX_S:
+                    return
+            await asyncio.sleep(0.01)
+
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
 
-def _grpc_server(config: ServeConfig, metrics: GuardMetrics) -> grpc.aio.Server:
-    interceptors: list[grpc.aio.ServerInterceptor] = [StatusInterceptor(metrics)]
+def _grpc_server(config: ServeConfig, metrics: GuardMetrics, calls: CallTracker) -> grpc.aio.Server:
+    interceptors: list[grpc.aio.ServerInterceptor] = [calls, StatusInterceptor(metrics)]
     if config.auth_token is not None:
         interceptors.append(AuthInterceptor(config.auth_token))
     return grpc.aio.server(
@@ -238,7 +266,8 @@ async def create_server(
             quarantine=quarantine,
             clock=clock,
         )
-        server = _grpc_server(config, metrics)
+        calls = CallTracker()
+        server = _grpc_server(config, metrics, calls)
         health_servicer = await _add_services(server, dataplane)
         port = _bind(server, config)
     except BaseException:
@@ -254,5 +283,6 @@ async def create_server(
         registry=registry,
         executor=executor,
         quarantine=quarantine,
+        calls=calls,
     )
     return guard_server, port

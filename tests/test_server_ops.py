@@ -5,6 +5,7 @@ message size: tests/test_reliability_faults.py.)"""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from concurrent.futures import Future
 from pathlib import Path
@@ -80,6 +81,43 @@ def test_health_follows_warm_up_and_shutdown_and_in_flight_requests_finish(
         engine.gate.set()
         client.close()
         channel.close()
+        srv.stop()
+
+
+def test_calls_that_reach_the_server_as_it_stops_are_refused_unavailable_not_cancelled(
+    artifact_dir: Path, samples: Samples
+) -> None:
+    """Calls that gRPC has received but not yet handed to the application when the shutdown
+    begins (here: the event loop is held while they arrive) get UNAVAILABLE, which tells a
+    client to retry elsewhere; gRPC's own stop would cancel them (CANCELLED)."""
+    srv = ServerThread(serve_config(artifact_dir))
+    client = tc.InferenceServerClient(srv.url)
+    holding, release = threading.Event(), threading.Event()
+
+    async def stop_after_holding_the_loop() -> None:
+        holding.set()
+        release.wait(30)  # blocks the loop: arriving calls wait inside gRPC
+        await srv.server.stop(grace_s=10)
+
+    try:
+        srv.start()
+        _fire(client, samples.clean[:1]).result(timeout=30)  # connected and answering
+        stopping = srv.submit(stop_after_holding_the_loop())
+        assert holding.wait(30)
+        calls = [_fire(client, samples.clean[:1]) for _ in range(16)]
+        time.sleep(0.5)  # let them reach the server
+        release.set()
+        stopping.result(timeout=30)
+        outcomes = []
+        for call in calls:
+            with pytest.raises(InferenceServerException) as info:
+                call.result(timeout=30)
+            outcomes.append((info.value.status(), info.value.message()))
+        assert {status for status, _ in outcomes} == {"StatusCode.UNAVAILABLE"}, outcomes
+        assert all("not ready" in message for _, message in outcomes), outcomes
+    finally:
+        release.set()
+        client.close()
         srv.stop()
 
 
