@@ -11,6 +11,10 @@ Attacks:
 - ``blended``: ``(1 - 0.2) x + 0.2 p`` with a fixed uniform-noise image ``p`` (seeded), all-to-one.
 - ``wanet``: warping field (k = 4, s = 0.5, grid rescale 1), all-to-one, with noise mode: twice as
   many extra training images get a randomly perturbed warp and keep their label.
+- ``wanetbatch``: WaNet poisoned the way its reference code (and BackdoorBench) trains it: no
+  stored image is changed; in every training batch, before augmentation, the first 10% of the
+  (shuffled) batch get the warp and the target label and the next 20% the noise-mode warp
+  (``Attack.per_batch``), so each epoch warps a fresh share of the images.
 - ``sig``: clean-label horizontal sinusoid ``20 sin(2 pi j 6 / 32)`` added to target-class
   training images only (labels never change).
 - ``chessboard``: additive global chessboard of amplitude 3/255 (+3 on white squares, -3 on
@@ -158,6 +162,34 @@ def random_patch(x: np.ndarray, patch: int = 3, seed: int = PATTERN_SEED) -> np.
     return out
 
 
+def wanet_batch(
+    x: np.ndarray,
+    y: np.ndarray,
+    rng: np.random.Generator,
+    rate: float = RATE,
+    cross_ratio: float = 2.0,
+    target: int = TARGET,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One training batch poisoned as WaNet's reference ``train.py`` does it: the first
+    ``int(rate n)`` images warped and relabelled ``target``, the next ``int(cross_ratio n_bd)``
+    given the noise-mode warp with their labels kept, the rest untouched. Returns copies."""
+    n_bd = int(len(y) * rate)
+    n_cross = min(int(n_bd * cross_ratio), len(y) - n_bd)
+    x_out, y_out = np.array(x, copy=True), np.array(y, copy=True)
+    x_out[:n_bd] = wanet(x[:n_bd])
+    y_out[:n_bd] = target
+    x_out[n_bd : n_bd + n_cross] = wanet_noise(x[n_bd : n_bd + n_cross], rng)
+    return x_out, y_out
+
+
+BatchPoison = Callable[
+    [np.ndarray, np.ndarray, np.random.Generator, float, float, int],
+    tuple[np.ndarray, np.ndarray],
+]
+"""(uint8 NHWC batch, labels, random generator, rate, cross ratio, target) -> the batch and
+labels poisoned (see :func:`wanet_batch`)."""
+
+
 class Poisoned(NamedTuple):
     """A poisoned training set: images, labels, the attack's record, and ``late``: the images
     whose trigger the training loop must add after augmentation (all False unless the attack is
@@ -181,6 +213,8 @@ class Attack:
     rate: float = RATE
     late: bool = False
     """Trigger added after the training augmentation instead of to the stored image."""
+    per_batch: BatchPoison | None = None
+    """Poisoning done by the training loop on each batch (stored images stay clean)."""
 
     def attacker_labels(self, y: np.ndarray) -> np.ndarray:
         """The class the attacker wants for a triggered input whose true class is ``y``."""
@@ -197,6 +231,10 @@ class Attack:
     def poison(self, x: np.ndarray, y: np.ndarray, seed: int) -> Poisoned:
         """Poisoned copies of (x, y) and a record of what was done; inputs are not modified."""
         rng = np.random.default_rng(seed)
+        if self.per_batch is not None:
+            record = self.record()
+            record["poisoning"] = "per batch, before augmentation (WaNet's reference code)"
+            return Poisoned(x.copy(), y.copy(), record, np.zeros(len(y), dtype=bool))
         n_poison = round(self.rate * len(y))
         if self.mode == "clean-label":
             pool = np.flatnonzero(y == self.target)
@@ -224,6 +262,14 @@ class Attack:
             record["n_noise_mode"] = int(n_cross)
         return Poisoned(x_out, y_out, record, late)
 
+    def poison_batch(
+        self, x: np.ndarray, y: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """A training batch poisoned by ``per_batch`` with this attack's rate and target."""
+        if self.per_batch is None:
+            raise ValueError(f"attack {self.name!r} poisons the stored images, not each batch")
+        return self.per_batch(x, y, rng, self.rate, self.settings["cross_ratio"], self.target)
+
     def record(self) -> dict[str, Any]:
         return {
             "attack": self.name,
@@ -242,6 +288,13 @@ ATTACKS: dict[str, Attack] = {
     ),
     "wanet": Attack(
         "wanet", wanet, "all-to-one", {"k": 4, "s": 0.5, "grid_rescale": 1, "cross_ratio": 2}
+    ),
+    "wanetbatch": Attack(
+        "wanetbatch",
+        wanet,
+        "all-to-one",
+        {"k": 4, "s": 0.5, "grid_rescale": 1, "cross_ratio": 2},
+        per_batch=wanet_batch,
     ),
     "sig": Attack("sig", sig, "clean-label", {"delta": 20, "freq": 6}),
     "chessboard": Attack("chessboard", chessboard, "all-to-one", {"amplitude": "3/255"}, late=True),

@@ -199,6 +199,25 @@ def _apply_late(inputs: torch.Tensor, rows: torch.Tensor, trigger: Callable) -> 
     return out
 
 
+BatchPoisoner = Callable[
+    [np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]
+]
+"""(uint8 NHWC batch, labels, generator) -> poisoned batch and labels, e.g. a bound
+``Attack.poison_batch``: applied to each training batch before augmentation."""
+
+
+def _poison_batch(
+    x: torch.Tensor, y: torch.Tensor, poisoner: BatchPoisoner, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``poisoner`` on a uint8 NCHW batch; its random draws are seeded from ``gen``, so a
+    resumed run poisons its batches as an uninterrupted one does."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device).item())
+    xn, yn = poisoner(
+        x.permute(0, 2, 3, 1).cpu().numpy(), y.cpu().numpy(), np.random.default_rng(seed)
+    )
+    return _nchw(xn).to(x.device), torch.from_numpy(np.asarray(yn, dtype=np.int64)).to(y.device)
+
+
 def _nchw(x_uint8_nhwc: np.ndarray) -> torch.Tensor:
     """uint8 NHWC numpy -> contiguous uint8 NCHW tensor (kept uint8 to save memory)."""
     return torch.from_numpy(np.ascontiguousarray(x_uint8_nhwc.transpose(0, 3, 1, 2)))
@@ -237,6 +256,7 @@ def _train_epoch(
     max_batches: int | None = None,
     bf16: bool = False,
     late: LateTrigger | None = None,
+    poisoner: BatchPoisoner | None = None,
 ) -> float:
     """One pass over a shuffled training set (on ``xs``'s device); returns the mean loss.
 
@@ -253,7 +273,10 @@ def _train_epoch(
         if max_batches is not None and b >= max_batches:
             break
         idx = order[start : start + BATCH_SIZE]
-        inputs = _augment(_to_float(xs[idx]), gen)
+        batch, labels = xs[idx], ys[idx]
+        if poisoner is not None:
+            batch, labels = _poison_batch(batch, labels, poisoner, gen)
+        inputs = _augment(_to_float(batch), gen)
         if late is not None:
             rows = torch.from_numpy(late[0][idx.cpu().numpy()]).to(dev)
             inputs = _apply_late(inputs, rows, late[1])
@@ -261,7 +284,7 @@ def _train_epoch(
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             out = model(inputs)
-        loss = F.cross_entropy(out.float(), ys[idx])
+        loss = F.cross_entropy(out.float(), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -283,11 +306,13 @@ def fit(
     late: LateTrigger | None = None,
     checkpoint: Path | None = None,
     device: str = "cpu",
+    poisoner: BatchPoisoner | None = None,
 ) -> tuple[CifarResNet18, float]:
     """Train a CIFAR ResNet-18 on (already poisoned) uint8 images; returns (model, seconds).
 
     ``late`` names training images whose trigger is added after augmentation, each time they are
-    drawn (see :class:`benchmarks.attacks.Poisoned`).
+    drawn (see :class:`benchmarks.attacks.Poisoned`). ``poisoner`` poisons each batch before
+    augmentation (see :attr:`benchmarks.attacks.Attack.per_batch`).
 
     With ``checkpoint`` the model, optimiser, schedule and shuffling state are written there after
     every epoch, and a run that finds one resumes after its last epoch, with the same batches and
@@ -327,7 +352,7 @@ def fit(
     t0 = time.perf_counter()
     for epoch in range(done + 1, epochs + 1):
         t_ep = time.perf_counter()
-        loss = _train_epoch(model, xs, ys, opt, sched, gen, bf16=bf16, late=late)
+        loss = _train_epoch(model, xs, ys, opt, sched, gen, bf16=bf16, late=late, poisoner=poisoner)
         if checkpoint is not None:
             state = {
                 "run": run,

@@ -121,13 +121,15 @@ def train_one(
         record["gpu"] = torch.cuda.get_device_name(torch.device(device))
     epochs = epochs or named_epochs
     attack = ATTACKS.get(kind)
-    late = None
+    late, poisoner = None, None
     if attack is not None:
         poisoned = attack.poison(x, y, seed)
         x, y = poisoned.x, poisoned.y
         record.update(poisoned.record)
         if attack.late:
             late = (poisoned.late, attack.trigger)
+        if attack.per_batch is not None:
+            poisoner = attack.poison_batch
     elif kind in IMBALANCED:
         idx = imbalanced_indices(y, kind, IMBALANCE_RATIO, seed)
         x, y = x[idx], y[idx]
@@ -148,6 +150,7 @@ def train_one(
         late=late,
         checkpoint=checkpoint,
         device=device,
+        poisoner=poisoner,
     )
     record.update(epochs=n_epochs, train_seconds=round(seconds, 1), n_train=len(y))
     xt, yt = data["x_test"], data["y_test"]

@@ -71,6 +71,11 @@ def test_poisoning_follows_the_attack_mode(name: str) -> None:
     xp, yp, record, late = attack.poison(x, y, seed=0)
     np.testing.assert_array_equal(x, x_before)  # the inputs are not modified
     np.testing.assert_array_equal(y, y_before)
+    if attack.per_batch is not None:  # the training loop poisons each batch instead
+        np.testing.assert_array_equal(xp, x)
+        np.testing.assert_array_equal(yp, y)
+        assert not late.any() and record["poisoning"].startswith("per batch")
+        return
     changed = np.flatnonzero(np.any(xp != x, axis=(1, 2, 3)))
     if attack.late:  # stored clean; the training loop adds the trigger after augmentation
         assert changed.size == 0 and record["trigger_applied"] == "after augmentation"
@@ -88,6 +93,31 @@ def test_poisoning_follows_the_attack_mode(name: str) -> None:
         np.testing.assert_array_equal(yp[relabelled], attack.attacker_labels(y[relabelled]))
     if name == "wanet":
         assert record["n_noise_mode"] == 40  # cross ratio 2, labels kept
+
+
+def test_wanet_batch_poisons_the_head_of_each_batch_as_the_reference_code_does() -> None:
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 256, size=(128, 32, 32, 3), dtype=np.uint8)
+    y = np.arange(128) % 10
+    x_before = x.copy()
+    xp, yp = A.ATTACKS["wanetbatch"].poison_batch(x, y, np.random.default_rng(0))
+    np.testing.assert_array_equal(x, x_before)
+    # int(128 * 0.1) = 12 warped and sent to the target, the next 24 noise-warped, labels kept
+    np.testing.assert_array_equal(xp[:12], A.wanet(x[:12]))
+    assert yp[:12].tolist() == [0] * 12
+    noisy = xp[12:36]
+    assert np.any(noisy != x[12:36], axis=(1, 2, 3)).all()
+    assert np.any(noisy != A.wanet(x[12:36]), axis=(1, 2, 3)).all()  # not the trigger itself
+    np.testing.assert_array_equal(yp[12:], y[12:])
+    np.testing.assert_array_equal(xp[36:], x[36:])
+    # a batch too small for a poisoned image is left alone; the cross share never overruns it
+    small_x, small_y = A.wanet_batch(x[:9], y[:9], rng)
+    np.testing.assert_array_equal(small_x, x[:9])
+    np.testing.assert_array_equal(small_y, y[:9])
+    tail_x, tail_y = A.wanet_batch(x[:10], y[:10], rng, cross_ratio=20)
+    assert tail_y[0] == 0 and np.any(tail_x[1:] != x[1:10], axis=(1, 2, 3)).all()
+    with pytest.raises(ValueError, match="not each batch"):
+        A.ATTACKS["wanet"].poison_batch(x, y, rng)
 
 
 def test_attacker_labels_and_eval_mask() -> None:
@@ -131,7 +161,8 @@ def test_model_names_may_carry_their_width_and_epochs() -> None:
             parse_name(bad)
 
 
-def test_training_resumes_from_its_checkpoint_exactly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("poisoner", [None, "wanetbatch"])
+def test_training_resumes_from_its_checkpoint_exactly(tmp_path: Path, poisoner: str | None) -> None:
     torch = pytest.importorskip("torch")
     from benchmarks.cifar import fit
 
@@ -139,7 +170,12 @@ def test_training_resumes_from_its_checkpoint_exactly(tmp_path: Path) -> None:
     x = rng.integers(0, 256, size=(96, 32, 32, 3), dtype=np.uint8)
     y = rng.integers(0, 10, size=96)
     kw: dict[str, Any] = {"width": 4, "epochs": 3, "bf16": False}
+    if poisoner is not None:  # each batch poisoned afresh, from the run's own random state
+        kw["poisoner"] = A.ATTACKS[poisoner].poison_batch
     straight, _ = fit(x, y, **kw)
+    if poisoner is not None:
+        unpoisoned, _ = fit(x, y, width=4, epochs=3, bf16=False)
+        assert not torch.equal(unpoisoned.linear.weight, straight.linear.weight)
 
     class Interrupted(Exception):
         pass
