@@ -63,27 +63,51 @@ def maximize_margins(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ascend every start's own-class margin at once, as one batch (each row is independent:
     BatchNorm is in eval mode), clamping to [0,1] after each step. Returns the points and their
-    final margins."""
+    final margins.
+
+    With ``rel_tol`` each class stops on its own, once its summed margin changes by less than
+    that fraction in a step (SPEC 5 runs one ascent per class); its points are then left where
+    they are and drop out of the batch. One rule over the whole batch would let classes with
+    large margins end the ascent of a class that is still climbing."""
     x = x0.detach().clone().requires_grad_(True)
     opt = ascent_optimizer(x, settings)
-    previous = None
+    active = torch.ones(len(x), dtype=torch.bool)
+    previous: dict[int, float] = {}
     for _ in range(settings.steps):
+        rows = active.nonzero().squeeze(1)
+        if rows.numel() == 0:
+            break
         opt.zero_grad(set_to_none=True)
-        total = margins(net(x), targets).sum()
-        total.backward()
-        opt.step()
+        m = margins(net(x[rows] if rows.numel() < len(x) else x), targets[rows])
+        m.sum().backward()
         with torch.no_grad():
+            settled = x[~active].clone()
+            opt.step()
             x.clamp_(0.0, 1.0)
+            x[~active] = settled  # Adam's momentum would still move them
         if on_step is not None:
             on_step()
-        value = float(total.detach())
-        if (
-            settings.rel_tol > 0
-            and previous is not None
-            and abs(value - previous) < settings.rel_tol * max(abs(previous), 1e-12)
-        ):
-            break
-        previous = value
+        if settings.rel_tol > 0:
+            _settle_classes(m.detach(), targets, rows, active, previous, settings.rel_tol)
     with torch.no_grad():
         final = margins(net(x), targets)
     return x.detach(), final.detach()
+
+
+def _settle_classes(
+    m: torch.Tensor,
+    targets: torch.Tensor,
+    rows: torch.Tensor,
+    active: torch.Tensor,
+    previous: dict[int, float],
+    rel_tol: float,
+) -> None:
+    """Mark inactive every class whose summed margin `m` (over its active `rows`) changed by
+    less than `rel_tol` relatively since the last step."""
+    k = targets[rows]
+    for c in k.unique().tolist():
+        value = float(m[k == c].sum())
+        before = previous.get(c)
+        if before is not None and abs(value - before) < rel_tol * max(abs(before), 1e-12):
+            active[targets == c] = False
+        previous[c] = value

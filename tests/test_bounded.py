@@ -443,6 +443,28 @@ def test_maximize_margins_early_stop() -> None:
     assert len(steps) == 30
 
 
+class _TwoSpeeds(nn.Module):
+    """Logits (1e6 a, 0, 10 b - 5) of points (a, b): from (1, 0) class 0's margin is 1e6 and
+    stays there; from (0, 0) class 2's margin climbs from -5 by about 10 lr a step to 5."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([1e6 * x[:, 0], torch.zeros_like(x[:, 0]), 10 * x[:, 1] - 5], dim=1)
+
+
+def test_maximize_margins_stops_each_class_on_its_own() -> None:
+    x0 = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    k = torch.tensor([0, 0, 2, 2])
+    steps: list[int] = []
+    settings = AscentSettings(steps=1000, lr=0.005, rel_tol=1e-5)
+    x, final = maximize_margins(_TwoSpeeds(), x0, k, settings, lambda: steps.append(1))
+    # class 0 is settled at once; its 2e6 would end a rule on the batch's summed margin (a
+    # change of 0.1 in 2e6) at the second step, while class 2 climbs for ~200 steps at lr 0.005
+    assert 150 < len(steps) < 400
+    torch.testing.assert_close(final[:2], torch.full((2,), 1e6))
+    torch.testing.assert_close(final[2:], torch.full((2,), 5.0), rtol=0, atol=0.05)
+    torch.testing.assert_close(x[:2], x0[:2], rtol=0, atol=0)  # left where they settled
+
+
 def test_random_starts_shape_and_order() -> None:
     x, k = random_starts(3, 2, (1, 4, 4), torch.Generator().manual_seed(0))
     assert x.shape == (6, 1, 4, 4)
