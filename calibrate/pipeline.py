@@ -107,7 +107,7 @@ def _learning_set(
     return x[keep], logits[keep], int((~keep).sum())
 
 
-def _mmbd_ascent(cfg: CalibrationConfig, steps: int) -> AscentSettings:
+def mmbd_ascent(cfg: CalibrationConfig, steps: int) -> AscentSettings:
     """SPEC 5's ascent: the schedule's optimiser, stopped when the relative change < 1e-5."""
     s = cfg.schedule
     return AscentSettings(steps, s.ascent_lr, s.ascent_optimizer, rel_tol=1e-5)
@@ -124,7 +124,7 @@ def _max_margins(
     """r_k: the best margin over the starts of class k after at most `steps` ascent steps,
     stopping when the summed margin changes by less than 1e-5 relatively (SPEC 5). Also returns
     the final points."""
-    x, m = maximize_margins(net, *starts, _mmbd_ascent(cfg, steps), on_step=progress.tick)
+    x, m = maximize_margins(net, *starts, mmbd_ascent(cfg, steps), on_step=progress.tick)
     return m.view(k, -1).amax(dim=1).numpy().astype(np.float64), x
 
 
@@ -143,7 +143,7 @@ def _original_maxima(
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     starts = random_starts(k, n, chw, gen)
     with Progress("MM-BD max margins", cfg.mmbd_steps, quiet) as bar:
-        settings = _mmbd_ascent(cfg, cfg.mmbd_steps)
+        settings = mmbd_ascent(cfg, cfg.mmbd_steps)
         x, m = maximize_margins(model, *starts, settings, on_step=bar.tick)
     r = m.view(k, n)[:, : cfg.mmbd_starts].amax(dim=1).numpy().astype(np.float64)
     return r, (x, starts[1])
