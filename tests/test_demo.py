@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from calibrate.demo import EXAMPLE
+from calibrate.config import CalibrationConfig
+from calibrate.demo import DEMO_MMBD_STEPS, EXAMPLE
 
 TINY = Path(__file__).resolve().parents[1] / "calibrate" / "examples" / "tiny"
 
@@ -58,6 +59,10 @@ def test_demo_calibrates_serves_queries_and_shuts_down(example: Path, tmp_path: 
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = proc.stdout
     assert (out / "manifest.json").is_file()
+    # the one setting the demo shortens is recorded, and said
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["mmbd_steps"] == DEMO_MMBD_STEPS < CalibrationConfig().mmbd_steps
+    assert f"shortened to {DEMO_MMBD_STEPS} steps" in text
     assert "server exited with status 0" in text
     assert re.search(r"metrics were served at http://127\.0\.0\.1:\d+/metrics", text)
     undefended_asr, guarded_asr = _row(text, "attack success")
