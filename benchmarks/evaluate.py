@@ -374,13 +374,26 @@ def _is_model(name: str) -> bool:
     return True
 
 
+def _older_mmbd(cache_dir: Path, name: str) -> int | None:
+    """The MM-BD ascent steps of NAME's artifact when they are not today's default, else None."""
+    from calibrate.config import CalibrationConfig
+
+    report = cache_dir / "eval" / name / "artifact" / "report.json"
+    if not report.is_file():
+        return None
+    steps = json.loads(report.read_text())["config"]["mmbd_steps"]
+    return None if steps == CalibrationConfig().mmbd_steps else int(steps)
+
+
 def table(cache_dir: Path, null_kind: str | None = None) -> str:
     """Markdown tables of every results.json under CACHE/eval; the first with ``null_kind``'s
-    figures (refitted on the artifact's held-out statistics), or the artifact's own null."""
+    figures (refitted on the artifact's held-out statistics), or the artifact's own null. A
+    model whose artifact was calibrated with an earlier MM-BD default is marked "(*)"."""
     found = {p.parent.name for p in (cache_dir / "eval").glob("*/results.json")}
     extra = sorted(n for n in found - set(NAMES) if _is_model(n))
     rows = {n: cache_dir / "eval" / n / "results.json" for n in (*NAMES, *extra)}
     res = {n: json.loads(p.read_text()) for n, p in rows.items() if p.exists()}
+    older = {n: s for n in res if (s := _older_mmbd(cache_dir, n)) is not None}
     lines = [
         "| model | undefended clean acc | guarded clean acc (p / p+dis) | undefended ASR "
         "| guarded ASR (p / p+dis) | restored (p / p+dis) | TPR (p / p+dis) "
@@ -398,13 +411,22 @@ def table(cache_dir: Path, null_kind: str | None = None) -> str:
             f" (p={mmbd.get('p_value', float('nan')):.2g})"
         )
         asr_undef = pct(r["undefended_asr"])
+        mark = " (*)" if n in older else ""
         lines.append(
-            f"| {n} | {pct(r['undefended_clean_accuracy'])} | {pct(p['clean_accuracy'])} / "
+            f"| {n}{mark} | {pct(r['undefended_clean_accuracy'])} | {pct(p['clean_accuracy'])} / "
             f"{pct(q['clean_accuracy'])} | {asr_undef} | {pct(p['asr'])} / {pct(q['asr'])} | "
             f"{pct(p['restored'])} / {pct(q['restored'])} | {pct(p['tpr'])} / {pct(q['tpr'])} | "
             f"{pct(p['fpr'])} / {pct(q['fpr'])} | {r['auroc_guard_subset']:.4f} | "
             f"{s['auroc']:.4f} | {pct(s['tpr'])} / {pct(s['fpr'])} | {verdict} |"
         )
+    if older:
+        steps = sorted(set(older.values()))
+        lines += [
+            "",
+            f"(*) calibrated with an earlier default, MM-BD ascent of "
+            f"{' or '.join(map(str, steps))} steps (its maxima also seed the bounds' learning); "
+            f"the others with today's defaults.",
+        ]
     lines += [
         "",
         "| model | null | clean FPR | guarded clean acc | guarded ASR | restored | TPR |",
