@@ -108,7 +108,7 @@ def _learning_set(
 
 
 def mmbd_ascent(cfg: CalibrationConfig, steps: int) -> AscentSettings:
-    """SPEC 5's ascent: the schedule's optimiser, stopped when the relative change < 1e-5."""
+    """SPEC 5's ascent: the schedule's optimiser; a class stops when its relative change < 1e-5."""
     s = cfg.schedule
     return AscentSettings(steps, s.ascent_lr, s.ascent_optimizer, rel_tol=1e-5)
 
@@ -122,8 +122,8 @@ def _max_margins(
     progress: Progress,
 ) -> tuple[np.ndarray, torch.Tensor]:
     """r_k: the best margin over the starts of class k after at most `steps` ascent steps,
-    stopping when the summed margin changes by less than 1e-5 relatively (SPEC 5). Also returns
-    the final points."""
+    each class stopping once its summed margin changes by less than 1e-5 relatively (SPEC 5).
+    Also returns the final points."""
     x, m = maximize_margins(net, *starts, mmbd_ascent(cfg, steps), on_step=progress.tick)
     return m.view(k, -1).amax(dim=1).numpy().astype(np.float64), x
 
