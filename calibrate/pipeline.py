@@ -128,7 +128,7 @@ def _max_margins(
     return m.view(k, -1).amax(dim=1).numpy().astype(np.float64), x
 
 
-def _original_maxima(
+def original_maxima(
     model: nn.Module,
     k: int,
     per_class: int,
@@ -203,7 +203,7 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
     timing: dict[str, float] = {"load": time.perf_counter() - t0}
 
     t = time.perf_counter()
-    r_before, mmbd_maxima = _original_maxima(model, k, per_class, chw, cfg, job.quiet)
+    r_before, mmbd_maxima = original_maxima(model, k, per_class, chw, cfg, job.quiet)
     mmbd = verdict(r_before, cfg.mmbd_alpha)
     timing["mmbd"] = time.perf_counter() - t
 
