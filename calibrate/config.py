@@ -36,8 +36,7 @@ class ScheduleConfig:
     # stopping as soon as the target is met again (the controller is still pulling it back);
     # a run still below it then returns the bounds of the last iteration that met it
     overtime_iters: int = 40
-    # stop when the loss settles term by term: |d fidelity| + |d (lambda * margin)| <=
-    # loss_rel_tol * |loss_{t-1}| between two iterations (0: run max_iters)
+    # stop when |loss_t - loss_{t-1}| <= loss_rel_tol * |loss_{t-1}| (0: run max_iters)
     loss_rel_tol: float = 1e-3
     # ascent steps from uniform random starts for a fresh draw of maxima (the pipeline seeds
     # mm_source=bounded with the MM-BD maxima instead)

@@ -112,7 +112,7 @@ def learn_bounds(
         x_max, _ = maximize_margins(source, x_max, k_max, cold)
     x_max.requires_grad_(fused)
     opt_x = ascent_optimizer(x_max, warm) if fused else None
-    previous: tuple[float, ...] = (float("nan"), float("nan"))
+    previous = float("nan")
     # the bounds each MMAC iteration measured its agreement with, kept while it met the target
     last_on_target: tuple[int, list[torch.Tensor]] | None = None
     for it in range(1, sched.max_iters + sched.overtime_iters + 1):
@@ -139,13 +139,12 @@ def learn_bounds(
         lam.update(it, row["agreement"])
         if progress is not None:
             progress(it, row)
-        terms = (row["fidelity"], row["lambda"] * row["margin"])
-        settled = converged(previous, terms, sched.loss_rel_tol)
+        settled = converged(previous, row["loss"], sched.loss_rel_tol)
         if it >= sched.min_iters and on_target and settled:
             break
         if it >= sched.max_iters and on_target:  # at or past the cap: stop once on target
             break
-        previous = terms
+        previous = row["loss"]
     ended_off_target = cfg.objective == "mmac" and row["agreement"] < cfg.target_agreement
     if ended_off_target and last_on_target is not None:
         result.bounds_from_iteration, kept = last_on_target

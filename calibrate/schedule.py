@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -42,26 +41,8 @@ class LambdaController:
         return self.lam
 
 
-def converged(
-    previous: float | Sequence[float], current: float | Sequence[float], rel_tol: float
-) -> bool:
-    """Stop when the loss changes by less than rel_tol relative to its magnitude.
-
-    The loss may be given as its terms (MMAC/MMOM: fidelity and lambda * margin); then each
-    term's change counts, summed in absolute value, so that two terms moving in opposite
-    directions do not pass for a settled loss. On ``wanet_e40`` the fidelity fell by 0.022 while
-    the weighted margin term rose by 0.021: the summed loss moved 0.0007 (under 1e-3 of 1.85)
-    and the run stopped with the margin term still climbing back from a lambda cut
-    (docs/RESULTS.md). A scalar is one term, the plain rule.
-    """
-    prev, cur = _terms(previous), _terms(current)
-    if rel_tol <= 0 or len(prev) != len(cur):
+def converged(previous: float, current: float, rel_tol: float) -> bool:
+    """Stop when the loss changes by less than rel_tol relative to its magnitude."""
+    if rel_tol <= 0 or not (math.isfinite(previous) and math.isfinite(current)):
         return False
-    if not all(math.isfinite(v) for v in (*prev, *cur)):
-        return False
-    change = sum(abs(c - p) for p, c in zip(prev, cur, strict=True))
-    return change <= rel_tol * max(abs(sum(prev)), 1e-12)
-
-
-def _terms(loss: float | Sequence[float]) -> tuple[float, ...]:
-    return (float(loss),) if isinstance(loss, int | float) else tuple(float(v) for v in loss)
+    return abs(current - previous) <= rel_tol * max(abs(previous), 1e-12)
