@@ -51,7 +51,8 @@ class Normalized(nn.Module):
 
 class ChannelBound(nn.Module):
     """min(a, b) with one bound per channel (dim 1): per channel for conv maps, per neuron for
-    linear layers. While `recording`, it tracks the per-channel maximum it has seen."""
+    linear layers. While `recording`, it tracks the per-channel maximum it has seen.
+    `ceiling`, when set, is the most `clamp_` lets the bound rise to (not part of the state)."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -59,6 +60,7 @@ class ChannelBound(nn.Module):
         self.observed_max: torch.Tensor
         self.register_buffer("observed_max", torch.zeros(channels))
         self.recording = False
+        self.ceiling: torch.Tensor | None = None
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         shape = (1, -1) + (1,) * (a.dim() - 2)
@@ -181,10 +183,12 @@ class BoundedNetwork(nn.Module):
         return [m.bound for m in self.bound_modules()]
 
     def clamp_(self) -> None:
-        """Bounds stay >= 0 (SPEC 1)."""
+        """Bounds stay >= 0 (SPEC 1), and at or below their ceiling where one is set."""
         with torch.no_grad():
-            for b in self.bounds():
-                b.clamp_(min=0.0)
+            for m in self.bound_modules():
+                m.bound.clamp_(min=0.0)
+                if m.ceiling is not None:
+                    torch.minimum(m.bound, m.ceiling, out=m.bound)
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:
@@ -199,18 +203,32 @@ class BoundedNetwork(nn.Module):
             for m in mods:
                 m.recording = False
 
-    def init_bounds(self, mode: str | float, images: torch.Tensor, batch_size: int = 256) -> None:
+    def init_bounds(
+        self,
+        mode: str | float,
+        images: torch.Tensor,
+        batch_size: int = 256,
+        ceiling: bool = False,
+    ) -> None:
         """`max`: per-channel maximum activation over `images`, so the bounded network starts
-        equal to the original on them (SPEC 1, bound_init). A number: that constant."""
+        equal to the original on them (SPEC 1, bound_init). A number: that constant.
+
+        `ceiling`: `clamp_` keeps every bound at or below that per-channel maximum from then
+        on. A bound above every activation the images produce does not change the network on
+        them; it only lets larger activations, the kind a trigger drives, pass."""
         with torch.no_grad():
-            for b in self.bounds():
-                b.fill_(float("inf"))
-            if mode == "max":
+            for m in self.bound_modules():
+                m.bound.fill_(float("inf"))
+                m.ceiling = None
+            if mode == "max" or ceiling:
                 with self.recording():
                     for i in range(0, images.shape[0], batch_size):
                         self(images[i : i + batch_size])
-                for m in self.bound_modules():
+            for m in self.bound_modules():
+                if mode == "max":
                     m.bound.copy_(m.observed_max)
-            else:
-                for b in self.bounds():
-                    b.fill_(float(mode))
+                else:
+                    m.bound.fill_(float(mode))
+                if ceiling:
+                    m.ceiling = m.observed_max.clone()
+            self.clamp_()

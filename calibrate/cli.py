@@ -110,6 +110,12 @@ def _add_method_flags(p: argparse.ArgumentParser) -> None:
         help="bound learning rate in activation units, not relative to each layer",
     )
     m.add_argument("--bound-init", default=d.bound_init, help="'max' or a positive constant")
+    m.add_argument(
+        "--bound-ceiling",
+        choices=["max", "none"],
+        default=d.bound_ceiling,
+        help="max: no bound rises above its channel's maximum activation on the clean set",
+    )
     m.add_argument("--target-agreement", type=float, default=d.target_agreement)
     m.add_argument(
         "--starts-per-class",
@@ -144,6 +150,7 @@ def config_from_args(args: argparse.Namespace) -> CalibrationConfig:
         objective=args.objective,
         schedule=schedule,
         bound_init=args.bound_init,
+        bound_ceiling=args.bound_ceiling,
         target_agreement=args.target_agreement,
         starts_per_class=args.starts_per_class,
         correct_only=not args.keep_misclassified,

@@ -115,6 +115,10 @@ class CalibrationConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     # bound initialisation: "max" (per-channel clean maximum) or a constant
     bound_init: str = "max"
+    # "max": a bound never rises above its channel's maximum activation on the clean learning
+    # set (a higher bound leaves the clean set unchanged and lets a trigger's large activations
+    # through); "none": SPEC 1's bounds, kept >= 0 only
+    bound_ceiling: Literal["max", "none"] = "none"
     # lambda controller's clean-agreement target (MMAC only; MMOM keeps lambda fixed)
     target_agreement: float = 0.95
     # J: ascent starts per class; 0 means the number of clean learning images per class
@@ -152,6 +156,7 @@ class CalibrationConfig:
             except ValueError:
                 ok = False
             _check(ok, "bound_init (use 'max' or a positive number)", self.bound_init)
+        _check(self.bound_ceiling in ("max", "none"), "bound_ceiling", self.bound_ceiling)
         _check(0 < self.target_agreement <= 1, "target_agreement", self.target_agreement)
         _check(self.starts_per_class >= 0, "starts_per_class", self.starts_per_class)
         _check(0 < self.heldout_fraction < 1, "heldout_fraction", self.heldout_fraction)

@@ -198,7 +198,7 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
     per_class = cfg.starts_per_class or int(min(learn.per_class_counts()))
     chw = tuple(int(v) for v in x_learn.shape[1:])
     net = BoundedNetwork(model, x_d[:2])
-    net.init_bounds(cfg.bound_init, x_d, cfg.batch_size)
+    net.init_bounds(cfg.bound_init, x_d, cfg.batch_size, ceiling=cfg.bound_ceiling == "max")
     init = [b.detach().clone() for b in net.bounds()]
     timing: dict[str, float] = {"load": time.perf_counter() - t0}
 

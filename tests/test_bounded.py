@@ -98,6 +98,29 @@ def test_init_max_resets_previous_bounds() -> None:
     torch.testing.assert_close(bn.bounds()[0].detach(), torch.tensor([4.0, 3.5, 2.0]))
 
 
+def test_ceiling_keeps_bounds_at_or_below_the_clean_maximum() -> None:
+    bn = BoundedNetwork(_two_layer(), X)
+    bn.init_bounds("max", X, ceiling=True)  # per-neuron max over X: [4, 3.5, 2]
+    _set_bounds(bn, [5.0, 1.0, -1.0])  # the first above its ceiling, the last below 0
+    bn.clamp_()
+    torch.testing.assert_close(bn.bounds()[0].detach(), torch.tensor([4.0, 1.0, 0.0]))
+
+
+def test_ceiling_with_a_constant_init_caps_it_at_once() -> None:
+    bn = BoundedNetwork(_two_layer(), X)
+    bn.init_bounds(3.0, X, ceiling=True)  # ceiling [4, 3.5, 2]: 3.0 stays, 3.0 stays, 2.0
+    torch.testing.assert_close(bn.bounds()[0].detach(), torch.tensor([3.0, 3.0, 2.0]))
+
+
+def test_no_ceiling_by_default_and_init_resets_it() -> None:
+    bn = BoundedNetwork(_two_layer(), X)
+    bn.init_bounds("max", X, ceiling=True)
+    bn.init_bounds("max", X)  # no ceiling this time: a bound may rise above the maximum
+    _set_bounds(bn, [5.0, 1.0, 2.0])
+    bn.clamp_()
+    torch.testing.assert_close(bn.bounds()[0].detach(), torch.tensor([5.0, 1.0, 2.0]))
+
+
 def test_clamp_keeps_bounds_nonnegative() -> None:
     bn = BoundedNetwork(_two_layer(), X)
     _set_bounds(bn, [-1.0, 2.0, -0.5])

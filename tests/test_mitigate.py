@@ -129,3 +129,22 @@ def test_overtime_and_the_fallback_to_the_last_bounds_on_target(
     assert result.bounds_from_iteration == from_iteration
     for b, b0 in zip(net.bounds(), init, strict=True):
         torch.testing.assert_close(b.detach(), b0 + steps_kept, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("ceiling", [True, False])
+def test_a_ceiling_holds_every_bound_at_its_clean_maximum(ceiling: bool) -> None:
+    """Bounds started low climb under the fidelity term. Adam's momentum carries them past the
+    clean maximum; with a ceiling none ends above it, and those that got there sit on it."""
+    net, model, images, reference, cfg = _setup(
+        lambda_init=0.0, max_iters=40, bound_lr=0.5, bound_lr_relative=False
+    )
+    net.init_bounds(0.05, images, ceiling=ceiling)
+    clean_max = [m.observed_max.clone() for m in net.bound_modules()]
+    learn_bounds(net, model, images, reference, 4, 5, cfg)
+    pairs = [(b.detach(), mx) for b, mx in zip(net.bounds(), clean_max, strict=True)]
+    above = sum(int((b > mx + 1e-6).sum()) for b, mx in pairs)
+    on = sum(int((b == mx).sum()) for b, mx in pairs)
+    if ceiling:
+        assert above == 0 and on > 0
+    else:
+        assert above > 0  # what the ceiling prevents
