@@ -27,9 +27,11 @@ def calibrate_cifar(
     name: str,
     flags: Sequence[str] = (),
     factory: str = FACTORY,
+    observer: Any = None,
 ) -> tuple[Any, Any, float]:
     """``mmguard calibrate --factory F --weights W --data D --out O FLAGS``; returns the
-    pipeline's result, the configuration it ran with, and the wall seconds."""
+    pipeline's result, the configuration it ran with, and the wall seconds. ``observer``: the
+    job's per-iteration diagnostics hook (``CalibrationJob.observer``)."""
     from calibrate.cli import config_from_args
     from calibrate.modelsrc import ModelSource
     from calibrate.pipeline import CalibrationJob, run_calibration
@@ -46,6 +48,7 @@ def calibrate_cifar(
         config=cfg,
         force=True,
         quiet=True,
+        observer=observer,
     )
     t = time.perf_counter()
     result = run_calibration(job)

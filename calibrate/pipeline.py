@@ -46,6 +46,10 @@ class CalibrationJob:
     config: CalibrationConfig = field(default_factory=CalibrationConfig)
     force: bool = False
     quiet: bool = False
+    # diagnostics: called after every bound-learning iteration with the iteration (from 1), its
+    # figures, the bounded network as that iteration left it and the original; must not
+    # change either network
+    observer: Callable[[int, dict[str, float], BoundedNetwork, nn.Module], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -211,6 +215,12 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
     # bounded network; the reference schedule draws its own from the original network
     first = _per_class(mmbd_maxima, k, per_class) if cfg.schedule.mm_source == "bounded" else None
     with Progress("learning bounds", cfg.schedule.max_iters, job.quiet) as bar:
+
+        def iteration_done(it: int, row: dict[str, float]) -> None:
+            bar.tick(agree=row["agreement"], lam=row["lambda"])
+            if job.observer is not None:
+                job.observer(it, row, net, model)
+
         mit: MitigationResult = learn_bounds(
             net,
             model,
@@ -219,7 +229,7 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
             k,
             per_class,
             cfg,
-            progress=lambda it, row: bar.tick(agree=row["agreement"], lam=row["lambda"]),
+            progress=iteration_done,
             initial_maxima=first,
         )
     timing["learn_bounds"] = mit.seconds
