@@ -10,10 +10,10 @@ Run from the repository root::
 It runs ``mmguard calibrate`` on the model as ``benchmarks.evaluate`` does (same calibration
 images, defaults plus ``--calibrate-args``) and, after every ``--every``-th bound-learning
 iteration, scores the bounds of that moment on ``--n-eval`` images drawn from the evaluation
-split (seeded), clean and with the model's trigger: AUROC of the MMDF statistic and its TPR at a matched
-0.5% clean flag rate (the oracle threshold of ``benchmarks.evaluate``). The run's calibration
-output goes to a scratch folder; the series goes to ``CACHE/eval/NAME/iterations[-V].json``
-and a figure to ``docs/figures/NAME-iterations[-V].png``.
+split (seeded), clean and with the model's trigger: AUROC of the MMDF statistic and its TPR at
+a matched 0.5% clean flag rate (the oracle threshold of ``benchmarks.evaluate``). The run's
+calibration output goes to a scratch folder; the series goes to
+``CACHE/eval/NAME/iterations[-V].json`` and a figure to ``docs/figures/NAME-iterations[-V].png``.
 
 A diagnostic: the defender has no triggered images, so nothing here can steer a calibration.
 """
