@@ -69,32 +69,67 @@ def series(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     x, y = data["x_test"][idx], data["y_test"][idx]
     clean = torch.from_numpy(to_float(x))
     triggered = torch.from_numpy(to_float(attack.trigger(x[attack.eval_mask(y)])))
+    calib_npz = args.cache_dir / "eval" / "calib.npz"
+    if not calib_npz.exists():
+        raise SystemExit(f"{calib_npz} is missing: run benchmarks.evaluate once first")
+    with np.load(calib_npz) as z:
+        calib = torch.from_numpy(to_float(z["images"]))
+    flags = shlex.split(args.calibrate_args)
+    cfg = _config(flags)
+    inputs = {"clean": clean, "triggered": triggered, "calib": calib}
     reference: dict[str, np.ndarray] = {}
+    maxima: list[Any] = []  # MM-BD's maxima: their original logits, the points
     rows: list[dict[str, Any]] = []
 
     def observe(it: int, row: dict[str, float], net: Any, original: Any) -> None:
         if it % args.every:
             return
+        if not reference:
+            with torch.no_grad():
+                reference.update(
+                    {k: batched_logits(original, v, 256).numpy() for k, v in inputs.items()}
+                )
+            maxima.extend(_mmbd_maxima(original, cfg, reference["calib"].shape[1]))
         with torch.no_grad():
-            if not reference:
-                reference["clean"] = batched_logits(original, clean, 256).numpy()
-                reference["triggered"] = batched_logits(original, triggered, 256).numpy()
-            d_clean = statistic(reference["clean"], batched_logits(net, clean, 256).numpy())
-            d_trig = statistic(reference["triggered"], batched_logits(net, triggered, 256).numpy())
+            d = {
+                k: statistic(reference[k], batched_logits(net, v, 256).numpy())
+                for k, v in inputs.items()
+            }
+            d_max = statistic(maxima[0], net(maxima[1]).numpy())
         out = {"iter": it, **{k: float(v) for k, v in row.items() if k != "iter"}}
-        out.update(detection(d_clean, d_trig))
+        out.update(detection(d["clean"], d["triggered"]))
+        # what the defender could see: the calibration images against MM-BD's maxima
+        proxy = detection(d["calib"], d_max)
+        out.update({"maxima_auroc": proxy["auroc"], "maxima_tpr_matched": proxy["tpr_matched"]})
         rows.append(out)
         print(json.dumps({k: round(v, 4) for k, v in out.items()}), file=sys.stderr, flush=True)
 
-    calib_npz = args.cache_dir / "eval" / "calib.npz"
-    if not calib_npz.exists():
-        raise SystemExit(f"{calib_npz} is missing: run benchmarks.evaluate once first")
-    flags = shlex.split(args.calibrate_args)
     with tempfile.TemporaryDirectory() as tmp:
         calibrate_cifar(
             weights, calib_npz, Path(tmp) / "artifact", name, flags, factory_for(width), observe
         )
     return rows
+
+
+def _config(flags: list[str]) -> Any:
+    """The configuration ``mmguard calibrate`` runs with these flags."""
+    from calibrate.cli import config_from_args
+    from guard.cli import build_parser
+
+    argv = ["calibrate", "--factory", "x:y", "--weights", "w", "--data", "d", "--out", "o"]
+    return config_from_args(build_parser().parse_args([*argv, *flags]))
+
+
+def _mmbd_maxima(original: Any, cfg: Any, k: int) -> tuple[np.ndarray, Any]:
+    """MM-BD's maxima on the original network, as the calibration computes them (same seed,
+    CIFAR-10 images): their original logits and the points."""
+    import torch
+
+    from calibrate.pipeline import original_maxima
+
+    _, (x, _) = original_maxima(original, k, cfg.mmbd_starts, (3, 32, 32), cfg, quiet=True)
+    with torch.no_grad():
+        return original(x).numpy(), x
 
 
 def figure(rows: list[dict[str, Any]], title: str, path: Path) -> None:
@@ -107,6 +142,7 @@ def figure(rows: list[dict[str, Any]], title: str, path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
     ax1.plot(it, [r["auroc"] for r in rows], label="AUROC")
     ax1.plot(it, [r["tpr_matched"] for r in rows], label=f"TPR at {MATCHED_FPR:.1%} clean FPR")
+    ax1.plot(it, [r["maxima_auroc"] for r in rows], ":", label="AUROC, MM-BD maxima vs calibration")
     ax1.set(ylim=(0, 1.02), title=title, ylabel="detection")
     ax1.legend(fontsize=8)
     ax2.plot(it, [r["agreement"] for r in rows], label="clean agreement", color="C2")
