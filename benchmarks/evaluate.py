@@ -374,26 +374,32 @@ def _is_model(name: str) -> bool:
     return True
 
 
-def _older_mmbd(cache_dir: Path, name: str) -> int | None:
-    """The MM-BD ascent steps of NAME's artifact when they are not today's default, else None."""
+def _earlier_defaults(cache_dir: Path, name: str) -> list[str]:
+    """How NAME's artifact was calibrated where today's defaults differ, in words (empty when
+    they do not): the MM-BD ascent's steps, and the bound ceiling (absent before it existed)."""
     from calibrate.config import CalibrationConfig
 
     report = cache_dir / "eval" / name / "artifact" / "report.json"
     if not report.is_file():
-        return None
-    steps = json.loads(report.read_text())["config"]["mmbd_steps"]
-    return None if steps == CalibrationConfig().mmbd_steps else int(steps)
+        return []
+    config, today = json.loads(report.read_text())["config"], CalibrationConfig()
+    found = []
+    if config["mmbd_steps"] != today.mmbd_steps:
+        found.append(f"MM-BD ascent of {config['mmbd_steps']} steps")
+    if config.get("bound_ceiling", "none") != today.bound_ceiling:
+        found.append(f"bound ceiling {config.get('bound_ceiling', 'none')}")
+    return found
 
 
 def table(cache_dir: Path, null_kind: str | None = None) -> str:
     """Markdown tables of every results.json under CACHE/eval; the first with ``null_kind``'s
     figures (refitted on the artifact's held-out statistics), or the artifact's own null. A
-    model whose artifact was calibrated with an earlier MM-BD default is marked "(*)"."""
+    model whose artifact was calibrated with earlier defaults is marked "(*)"."""
     found = {p.parent.name for p in (cache_dir / "eval").glob("*/results.json")}
     extra = sorted(n for n in found - set(NAMES) if _is_model(n))
     rows = {n: cache_dir / "eval" / n / "results.json" for n in (*NAMES, *extra)}
     res = {n: json.loads(p.read_text()) for n, p in rows.items() if p.exists()}
-    older = {n: s for n in res if (s := _older_mmbd(cache_dir, n)) is not None}
+    older = {n: e for n in res if (e := _earlier_defaults(cache_dir, n))}
     lines = [
         "| model | undefended clean acc | guarded clean acc (p / p+dis) | undefended ASR "
         "| guarded ASR (p / p+dis) | restored (p / p+dis) | TPR (p / p+dis) "
@@ -420,11 +426,10 @@ def table(cache_dir: Path, null_kind: str | None = None) -> str:
             f"{s['auroc']:.4f} | {pct(s['tpr'])} / {pct(s['fpr'])} | {verdict} |"
         )
     if older:
-        steps = sorted(set(older.values()))
+        notes = sorted({"; ".join(e) for e in older.values()})
         lines += [
             "",
-            f"(*) calibrated with an earlier default, MM-BD ascent of "
-            f"{' or '.join(map(str, steps))} steps (its maxima also seed the bounds' learning); "
+            f"(*) calibrated with earlier defaults ({' | '.join(notes)}); "
             f"the others with today's defaults.",
         ]
     lines += [

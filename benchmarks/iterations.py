@@ -142,7 +142,6 @@ def figure(rows: list[dict[str, Any]], title: str, path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
     ax1.plot(it, [r["auroc"] for r in rows], label="AUROC")
     ax1.plot(it, [r["tpr_matched"] for r in rows], label=f"TPR at {MATCHED_FPR:.1%} clean FPR")
-    ax1.plot(it, [r["maxima_auroc"] for r in rows], ":", label="AUROC, MM-BD maxima vs calibration")
     ax1.set(ylim=(0, 1.02), title=title, ylabel="detection")
     ax1.legend(fontsize=8)
     ax2.plot(it, [r["agreement"] for r in rows], label="clean agreement", color="C2")
