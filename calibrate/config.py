@@ -117,7 +117,9 @@ class CalibrationConfig:
     bound_init: str = "max"
     # "max": a bound never rises above its channel's maximum activation on the clean learning
     # set (a higher bound leaves the clean set unchanged and lets a trigger's large activations
-    # through); "none": SPEC 1's bounds, kept >= 0 only
+    # through); "none": SPEC 1's bounds, kept >= 0 only. Off by default: on the WaNet benchmark
+    # models it cut guarded ASR from 77% to 44% on one and raised it from 9.6% to 36% on
+    # another (docs/RESULTS.md)
     bound_ceiling: Literal["max", "none"] = "none"
     # lambda controller's clean-agreement target (MMAC only; MMOM keeps lambda fixed)
     target_agreement: float = 0.95
