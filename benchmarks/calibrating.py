@@ -20,6 +20,16 @@ def factory_for(width: int) -> str:
     return FACTORIES[width]
 
 
+def calibration_config(flags: Sequence[str] = ()) -> Any:
+    """The configuration ``mmguard calibrate FLAGS`` runs with, parsed by the command's own
+    parser (the model, data and output paths it requires do not enter the configuration)."""
+    from calibrate.cli import config_from_args
+    from guard.cli import build_parser
+
+    argv = ["calibrate", "--factory", FACTORY, "--weights", "-", "--data", "-", "--out", "-"]
+    return config_from_args(build_parser().parse_args([*argv, *flags]))
+
+
 def calibrate_cifar(
     weights: Path,
     data_npz: Path,
@@ -32,14 +42,10 @@ def calibrate_cifar(
     """``mmguard calibrate --factory F --weights W --data D --out O FLAGS``; returns the
     pipeline's result, the configuration it ran with, and the wall seconds. ``observer``: the
     job's per-iteration diagnostics hook (``CalibrationJob.observer``)."""
-    from calibrate.cli import config_from_args
     from calibrate.modelsrc import ModelSource
     from calibrate.pipeline import CalibrationJob, run_calibration
-    from guard.cli import build_parser
 
-    argv = ["calibrate", "--factory", factory, "--weights", str(weights), "--data", str(data_npz)]
-    argv += ["--out", str(out), *flags]
-    cfg = config_from_args(build_parser().parse_args(argv))
+    cfg = calibration_config(flags)
     job = CalibrationJob(
         model=ModelSource(factory=factory, weights=weights),
         data=data_npz,

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.attacks import ATTACKS
-from benchmarks.calibrating import calibrate_cifar, factory_for
+from benchmarks.calibrating import calibrate_cifar, calibration_config, factory_for
 from benchmarks.evalmetrics import auroc, tpr_at_fpr
 from benchmarks.evaluate import EVAL_ATTACK, REPO_ROOT, split_test, to_float
 from benchmarks.train_models import model_paths, parse_name
@@ -75,7 +75,7 @@ def series(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     with np.load(calib_npz) as z:
         calib = torch.from_numpy(to_float(z["images"]))
     flags = shlex.split(args.calibrate_args)
-    cfg = _config(flags)
+    cfg = calibration_config(flags)
     inputs = {"clean": clean, "triggered": triggered, "calib": calib}
     reference: dict[str, np.ndarray] = {}
     maxima: list[Any] = []  # MM-BD's maxima: their original logits, the points
@@ -111,18 +111,11 @@ def series(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def _config(flags: list[str]) -> Any:
-    """The configuration ``mmguard calibrate`` runs with these flags."""
-    from calibrate.cli import config_from_args
-    from guard.cli import build_parser
-
-    argv = ["calibrate", "--factory", "x:y", "--weights", "w", "--data", "d", "--out", "o"]
-    return config_from_args(build_parser().parse_args([*argv, *flags]))
-
-
 def _mmbd_maxima(original: Any, cfg: Any, k: int) -> tuple[np.ndarray, Any]:
-    """MM-BD's maxima on the original network, as the calibration computes them (same seed,
-    CIFAR-10 images): their original logits and the points."""
+    """MM-BD's maxima on the original network, from the calibration's seed with mmbd_starts
+    starts per class: the calibration's own points when its J (the learning images per class)
+    is at most mmbd_starts, as on the benchmark calibration set (30 and 30); CIFAR-10 images.
+    Returns their original logits and the points."""
     import torch
 
     from calibrate.pipeline import original_maxima
