@@ -130,7 +130,8 @@ class CalibrationConfig:
     # held-out share of the clean set (null + report figures); the rest learns the bounds
     heldout_fraction: float = 0.4
     # MMDF null: yeojohnson (default: a Gaussian of the Yeo-Johnson-transformed statistic),
-    # gaussian (SPEC 4.3's default, a Gaussian of d itself) or empirical (conformal p-values).
+    # gaussian (SPEC 4.3's default, a Gaussian of d itself), empirical (conformal p-values) or
+    # gpd (conformal body, generalized Pareto tail over the held-out 80th percentile).
     # The clean statistic is right-skewed; on the seven CIFAR-10 evaluation models at alpha
     # 0.005 the plain Gaussian flagged over 1% of clean inputs on five, the transformed one on
     # none (docs/RESULTS.md).

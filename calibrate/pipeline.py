@@ -30,7 +30,7 @@ from calibrate.progress import Progress
 from calibrate.report import write_report
 from calibrate.scripted import script_to_fx
 from guard.artifact import NETWORK_FILES
-from guard.mmdf import fit_null, statistic, threshold
+from guard.mmdf import fit_null, gpd_min_samples, statistic, threshold
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,15 @@ def _check_finite(logits: torch.Tensor, what: str) -> None:
 
 
 def _check_null_size(cfg: CalibrationConfig, n_heldout: int) -> None:
-    """An empirical null's smallest p-value is 1/(n+1): refuse one that can never flag."""
+    """An empirical null's smallest p-value is 1/(n+1): refuse one that can never flag; a gpd
+    null needs enough held-out statistics for its tail."""
+    need = 2 * gpd_min_samples()  # the report's cross-fit fits one on each half
+    if cfg.null == "gpd" and n_heldout < need:
+        raise CalibrationError(
+            f"a gpd null needs at least {need} held-out images (the report's false-positive "
+            f"rate fits one on each half), got {n_heldout}; use more clean images, a larger "
+            "--heldout-fraction, or --null yeojohnson"
+        )
     if cfg.null == "empirical" and (n_heldout + 1) * cfg.alpha <= 1:
         raise CalibrationError(
             f"an empirical null from {n_heldout} held-out images cannot give p < {cfg.alpha} "

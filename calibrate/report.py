@@ -292,6 +292,15 @@ def _md_split(report: Mapping[str, Any]) -> list[str]:
     return ["## Data split", "", *_table(["Item", "Value"], rows), ""]
 
 
+_NULL_EXTRAS = (
+    ("lmbda", "Yeo-Johnson exponent"),
+    ("tail_u", "Tail threshold u"),
+    ("tail_zeta", "Share above u"),
+    ("tail_xi", "Tail shape xi"),
+    ("tail_beta", "Tail scale beta"),
+)
+
+
 def _md_null(report: Mapping[str, Any]) -> list[str]:
     """The null distribution of the detection statistic and the resulting threshold."""
     null = report.get("null", {})
@@ -300,6 +309,7 @@ def _md_null(report: Mapping[str, Any]) -> list[str]:
         ["mu", _num(null.get("mu"))],
         ["sigma", _num(null.get("sigma"))],
         ["Samples (n)", _cell(null.get("n"))],
+        *[[label, _num(null[key])] for key, label in _NULL_EXTRAS if key in null],
         ["alpha", _num(null.get("alpha"))],
         ["Threshold on d", _num(null.get("threshold"))],
     ]

@@ -13,8 +13,17 @@ from typing import Any, Literal
 import numpy as np
 from scipy.special import ndtr
 
-NullKind = Literal["gaussian", "yeojohnson", "empirical"]
-NULL_KINDS: tuple[str, ...] = ("gaussian", "yeojohnson", "empirical")
+NullKind = Literal["gaussian", "yeojohnson", "empirical", "gpd"]
+NULL_KINDS: tuple[str, ...] = ("gaussian", "yeojohnson", "empirical", "gpd")
+
+GPD_TAIL_FRACTION = 0.2
+"""A `gpd` null models the top fifth of the held-out clean statistics as a generalized Pareto
+tail (peaks over the threshold at their 80th percentile)."""
+GPD_MIN_EXCEEDANCES = 10
+"""A `gpd` null needs at least this many statistics above its threshold (so 50 held-out images)."""
+GPD_MIN_SHAPE = -0.5
+"""The shape's lower limit: maximum likelihood is regular only above -1/2 (Smith 1985), and a
+more negative shape puts the tail's end at the largest sample, as if the sample were the law."""
 
 
 def yeo_johnson(x: np.ndarray, lmbda: float) -> np.ndarray:
@@ -90,13 +99,21 @@ class Null:
     """The clean-input distribution of d. `gaussian`: N(mu, sigma^2) of d (SPEC 4.3);
     `yeojohnson`: N(mu, sigma^2) of the Yeo-Johnson transform of d with exponent `lmbda` fitted
     by maximum likelihood, for a skewed clean statistic; `empirical`: the sorted held-out clean
-    statistics, used for a conformal p-value."""
+    statistics, used for a conformal p-value; `gpd`: those samples for the body, and above the
+    threshold `tail_u` (exceeded by a share `tail_zeta` of them) a generalized Pareto tail with
+    shape `tail_xi` and scale `tail_beta` (peaks over threshold, the usual estimate of a far
+    quantile from a small sample). mu and sigma are the samples' mean and standard deviation
+    for `empirical` and `gpd`, for reports only."""
 
     kind: NullKind
     mu: float
     sigma: float
     samples: tuple[float, ...] = ()
     lmbda: float = 1.0  # Yeo-Johnson exponent; 1 is the identity transform
+    tail_u: float = 0.0
+    tail_zeta: float = 0.0
+    tail_xi: float = 0.0
+    tail_beta: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in NULL_KINDS:
@@ -105,10 +122,21 @@ class Null:
             raise ValueError(f"null mu and sigma must be finite, got {self.mu}, {self.sigma}")
         if not math.isfinite(self.lmbda):
             raise ValueError(f"null lmbda must be finite, got {self.lmbda}")
-        if self.kind != "empirical" and self.sigma <= 0:
+        if self.kind in ("gaussian", "yeojohnson") and self.sigma <= 0:
             raise ValueError(f"{self.kind} null needs sigma > 0, got {self.sigma}")
-        if self.kind == "empirical" and len(self.samples) == 0:
-            raise ValueError("empirical null needs at least one clean statistic")
+        if self.kind in ("empirical", "gpd") and len(self.samples) == 0:
+            raise ValueError(f"{self.kind} null needs at least one clean statistic")
+        if self.kind == "gpd":
+            tail = (self.tail_u, self.tail_zeta, self.tail_xi, self.tail_beta)
+            if not all(math.isfinite(v) for v in tail):
+                raise ValueError(f"gpd null tail parameters must be finite, got {tail}")
+            if not (0.0 < self.tail_zeta <= 1.0 and self.tail_beta > 0.0):
+                raise ValueError(
+                    f"gpd null needs 0 < tail_zeta <= 1 and tail_beta > 0, got "
+                    f"{self.tail_zeta}, {self.tail_beta}"
+                )
+            if self.tail_xi < GPD_MIN_SHAPE:
+                raise ValueError(f"gpd null shape must be >= {GPD_MIN_SHAPE}, got {self.tail_xi}")
         # p_values() binary-searches the samples: keep them sorted whatever the source
         object.__setattr__(self, "samples", tuple(sorted(float(v) for v in self.samples)))
 
@@ -117,8 +145,15 @@ class Null:
         out["n"] = len(self.samples)
         if self.kind == "yeojohnson":
             out["lmbda"] = self.lmbda
-        if self.kind == "empirical":
+        if self.kind in ("empirical", "gpd"):
             out["samples"] = list(self.samples)
+        if self.kind == "gpd":
+            out |= {
+                "tail_u": self.tail_u,
+                "tail_zeta": self.tail_zeta,
+                "tail_xi": self.tail_xi,
+                "tail_beta": self.tail_beta,
+            }
         return out
 
     @classmethod
@@ -130,6 +165,10 @@ class Null:
             sigma=float(d["sigma"]),
             samples=samples,
             lmbda=float(d.get("lmbda", 1.0)),
+            tail_u=float(d.get("tail_u", 0.0)),
+            tail_zeta=float(d.get("tail_zeta", 0.0)),
+            tail_xi=float(d.get("tail_xi", 0.0)),
+            tail_beta=float(d.get("tail_beta", 0.0)),
         )
 
 
@@ -137,12 +176,24 @@ def fit_null(clean_stats: np.ndarray, kind: NullKind = "gaussian") -> Null:
     """Fit the null on clean statistics: mean and (unbiased) standard deviation of d (of its
     Yeo-Johnson transform for `yeojohnson`, exponent by maximum likelihood, or 0 where a
     negative one would bound the transform so low that a p-value of 1e-4 could not be reached);
-    the empirical kind also keeps the sorted samples."""
+    the empirical kind also keeps the sorted samples; gpd: see :func:`fit_gpd_tail`."""
     s = np.asarray(clean_stats, dtype=np.float64).ravel()
     if s.size < 2:
         raise ValueError(f"need at least 2 clean statistics to fit a null, got {s.size}")
     if not np.all(np.isfinite(s)):
         raise ValueError("clean statistics contain NaN or inf")
+    if kind == "gpd":
+        u, zeta, xi, beta = fit_gpd_tail(s)
+        return Null(
+            kind="gpd",
+            mu=float(s.mean()),
+            sigma=float(s.std(ddof=1)),
+            samples=tuple(float(v) for v in s),
+            tail_u=u,
+            tail_zeta=zeta,
+            tail_xi=xi,
+            tail_beta=beta,
+        )
     lmbda = 1.0
     if kind == "yeojohnson" and np.ptp(s) > 0:
         from scipy.stats import yeojohnson_normmax
@@ -157,6 +208,56 @@ def fit_null(clean_stats: np.ndarray, kind: NullKind = "gaussian") -> Null:
         raise ValueError(f"clean statistics are all equal: a {kind} null has zero width")
     samples = tuple(float(v) for v in s) if kind == "empirical" else ()  # Null sorts them
     return Null(kind=kind, mu=mu, sigma=sigma, samples=samples, lmbda=lmbda)
+
+
+def gpd_min_samples() -> int:
+    """The fewest clean statistics a `gpd` null can be fitted on."""
+    return math.ceil(GPD_MIN_EXCEEDANCES / GPD_TAIL_FRACTION)
+
+
+def fit_gpd_tail(s: np.ndarray) -> tuple[float, float, float, float]:
+    """Peaks over threshold: u is the sample value below the top GPD_TAIL_FRACTION of s, zeta
+    the share of s above u, and (xi, beta) the maximum-likelihood generalized Pareto shape and
+    scale of the excesses s - u > 0 (shape held at GPD_MIN_SHAPE, scale refitted, where the free
+    estimate falls below it). Returns (u, zeta, xi, beta)."""
+    from scipy.stats import genpareto
+
+    s = np.sort(np.asarray(s, dtype=np.float64).ravel())
+    n = s.size
+    if n < gpd_min_samples():
+        raise ValueError(f"a gpd null needs at least {gpd_min_samples()} clean statistics, got {n}")
+    u = float(s[n - math.ceil(GPD_TAIL_FRACTION * n) - 1])
+    excess = s[s > u] - u
+    if excess.size < GPD_MIN_EXCEEDANCES:
+        raise ValueError(
+            f"a gpd null needs {GPD_MIN_EXCEEDANCES} clean statistics above its threshold "
+            f"{u:.6g}, got {excess.size} (too many ties)"
+        )
+    xi, _, beta = genpareto.fit(excess, floc=0.0)
+    if not xi >= GPD_MIN_SHAPE:
+        xi = GPD_MIN_SHAPE
+        _, _, beta = genpareto.fit(excess, f0=xi, floc=0.0)
+    return u, excess.size / n, float(xi), float(beta)
+
+
+def gpd_survival(y: np.ndarray, xi: float, beta: float) -> np.ndarray:
+    """P(Y > y) of a generalized Pareto law (shape xi, scale beta) at excesses y >= 0:
+    (1 + xi y / beta)^(-1/xi), exp(-y / beta) at xi = 0, and 0 past the end -beta/xi of a
+    negative shape."""
+    y = np.maximum(np.asarray(y, dtype=np.float64), 0.0)
+    if abs(xi) < 1e-12:
+        return np.exp(-y / beta)
+    base = 1.0 + xi * y / beta
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(base > 0.0, np.power(np.maximum(base, 0.0), -1.0 / xi), 0.0)
+    return np.asarray(out, dtype=np.float64)
+
+
+def gpd_inverse_survival(q: float, xi: float, beta: float) -> float:
+    """The excess y with gpd_survival(y) = q, for 0 < q <= 1."""
+    if abs(xi) < 1e-12:
+        return float(-beta * math.log(q))
+    return float(beta / xi * (q ** (-xi) - 1.0))
 
 
 MIN_REACHABLE_ALPHA = 1e-4
@@ -178,7 +279,8 @@ def p_values(null: Null, d: np.ndarray) -> np.ndarray:
 
     gaussian: p = 1 - Phi((d - mu) / sigma)  (SPEC 4.3), computed as Phi(-(d - mu) / sigma) to
     keep precision in the tail. yeojohnson: the same on the transformed d. empirical:
-    p = (1 + #{d_i >= d}) / (n + 1), the conformal p-value.
+    p = (1 + #{d_i >= d}) / (n + 1), the conformal p-value. gpd: that conformal p-value up to
+    the threshold u, and p = zeta * (1 + xi (d - u) / beta)^(-1/xi) above it.
     """
     d = np.asarray(d, dtype=np.float64)
     if null.kind == "gaussian":
@@ -188,14 +290,19 @@ def p_values(null: Null, d: np.ndarray) -> np.ndarray:
         return np.asarray(ndtr(-(t - null.mu) / null.sigma), dtype=np.float64)
     ref = np.asarray(null.samples, dtype=np.float64)
     n_ge = ref.size - np.searchsorted(ref, d, side="left")
-    return (1.0 + n_ge) / (ref.size + 1.0)
+    p = (1.0 + n_ge) / (ref.size + 1.0)
+    if null.kind == "gpd":
+        tail = null.tail_zeta * gpd_survival(d - null.tail_u, null.tail_xi, null.tail_beta)
+        p = np.where(d > null.tail_u, tail, p)
+    return np.asarray(p, dtype=np.float64)
 
 
 def threshold(null: Null, alpha: float) -> float:
     """The smallest-in-spirit statistic value flagged at level alpha (for reports and dashboards).
 
     gaussian: mu + sigma * Phi^{-1}(1 - alpha). empirical: the lowest sample value whose
-    conformal p-value is below alpha (inf if no value can reach it).
+    conformal p-value is below alpha (inf if no value can reach it). gpd: u plus the tail's
+    excess at survival alpha / zeta when alpha < zeta, else the empirical threshold.
     """
     from scipy.special import ndtri
 
@@ -205,6 +312,9 @@ def threshold(null: Null, alpha: float) -> float:
         t = null.mu + null.sigma * ndtri(1.0 - alpha)
         d = float(yeo_johnson_inverse(np.array([t]), null.lmbda)[0])
         return d if math.isfinite(d) else math.inf  # beyond the transform's range: never
+    if null.kind == "gpd" and alpha < null.tail_zeta:
+        excess = gpd_inverse_survival(alpha / null.tail_zeta, null.tail_xi, null.tail_beta)
+        return null.tail_u + excess
     ref = np.asarray(null.samples, dtype=np.float64)
     n = ref.size
     # largest m = #{d_i >= d} with (1 + m) / (n + 1) < alpha, found with the very division

@@ -109,6 +109,14 @@ def test_load_yeojohnson_null(tmp_path: Path) -> None:
     assert art.null == Null("yeojohnson", mu=0.4, sigma=0.7, lmbda=0.45)
 
 
+def test_load_gpd_null(tmp_path: Path) -> None:
+    fields = _fields()
+    tail = {"tail_u": 1.5, "tail_zeta": 0.2, "tail_xi": 0.1, "tail_beta": 0.3}
+    fields["null"] = {"kind": "gpd", "mu": 1.0, "sigma": 0.5, "samples": [0.5, 1.0, 2.0], **tail}
+    art = load_artifact(_make(tmp_path / "art", fields))
+    assert art.null == Null("gpd", mu=1.0, sigma=0.5, samples=(0.5, 1.0, 2.0), **tail)
+
+
 def test_tampered_bounded_file(tmp_path: Path) -> None:
     root = _make(tmp_path / "art")
     data = bytearray((root / "bounded.onnx").read_bytes())

@@ -205,6 +205,34 @@ def test_empirical_null_too_small_to_flag(tmp_path: Path) -> None:
     _nothing_written(tmp_path, out)
 
 
+def test_gpd_null_too_few_heldout_images(tmp_path: Path) -> None:
+    out = tmp_path / "art"
+    code, _, err = run_cli(_tiny_args(out, "--null", "gpd"))
+    _assert_one_line_error(code, err, "gpd null", "48", "100")
+    _nothing_written(tmp_path, out)
+
+
+def test_gpd_null_calibrates_and_the_guard_reads_it(tmp_path: Path) -> None:
+    import json
+
+    from guard.artifact import load_artifact
+    from guard.mmdf import p_values, threshold
+
+    out = tmp_path / "art"
+    code, _, err = run_cli(
+        _tiny_args(out, "--null", "gpd", "--heldout-fraction", "0.9", "--max-iters", "4",
+                   "--min-iters", "1", "--mmbd-steps", "10")
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["null"]["kind"] == "gpd" and report["null"]["n"] == 108
+    art = load_artifact(out)
+    assert art.null.kind == "gpd" and art.null.tail_zeta == 22 / 108  # ceil(0.2 * 108) above u
+    thr = threshold(art.null, art.rule.alpha)
+    assert report["null"]["threshold"] == thr
+    assert p_values(art.null, [thr])[0] == pytest.approx(art.rule.alpha)
+
+
 @pytest.mark.slow
 def test_torchvision_arch_with_normalisation_on_an_image_folder(tmp_path: Path) -> None:
     """The path a user of a torchvision model takes: --arch + state_dict, --mean/--std folded

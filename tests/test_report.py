@@ -190,6 +190,20 @@ def test_empirical_null_and_empty_lists(tmp_path: Path) -> None:
     assert (tmp_path / "statistic.png") in paths
 
 
+def test_gpd_null_parameters_are_in_the_markdown(tmp_path: Path) -> None:
+    report = fake_report()
+    report["null"].update(kind="gpd", tail_u=0.75, tail_zeta=0.2, tail_xi=0.125, tail_beta=0.0625)
+    write_report(report, tmp_path)
+    md = (tmp_path / "report.md").read_text(encoding="utf-8")
+    for row in (
+        "| Tail threshold u | 0.75 |",
+        "| Tail shape xi | 0.125 |",
+        "| Share above u | 0.2 |",
+    ):
+        assert row in md
+    assert "Yeo-Johnson exponent" not in md
+
+
 def test_non_json_value_names_key(tmp_path: Path) -> None:
     report = fake_report()
     report["bounds"][1]["values"] = np.zeros(3)
