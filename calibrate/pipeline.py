@@ -248,8 +248,13 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
     _check_finite(g_held, "held-out")
     gz_held = batched_logits(net, x_held, cfg.batch_size)
     stats = statistic(g_held.numpy(), gz_held.numpy())
-    null = fit_null(stats, cfg.null)
-    figures = heldout_figures(g_held.numpy(), gz_held.numpy(), held.labels, cfg)
+    try:
+        null = fit_null(stats, cfg.null)
+        figures = heldout_figures(g_held.numpy(), gz_held.numpy(), held.labels, cfg)
+    except ValueError as exc:  # e.g. every held-out statistic equal, or a tail of ties
+        raise CalibrationError(
+            f"cannot fit the {cfg.null} null on the {len(stats)} held-out statistics: {exc}"
+        ) from None
     timing["null"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -233,11 +233,12 @@ def fit_gpd_tail(s: np.ndarray) -> tuple[float, float, float, float]:
             f"a gpd null needs {GPD_MIN_EXCEEDANCES} clean statistics above its threshold "
             f"{u:.6g}, got {excess.size} (too many ties)"
         )
-    xi, _, beta = genpareto.fit(excess, floc=0.0)
+    unit = float(excess.mean())  # fitted in units of the mean excess: the fit is scale-free
+    xi, _, beta = genpareto.fit(excess / unit, floc=0.0)
     if not xi >= GPD_MIN_SHAPE:
         xi = GPD_MIN_SHAPE
-        _, _, beta = genpareto.fit(excess, f0=xi, floc=0.0)
-    return u, excess.size / n, float(xi), float(beta)
+        _, _, beta = genpareto.fit(excess / unit, f0=xi, floc=0.0)
+    return u, excess.size / n, float(xi), float(beta) * unit
 
 
 def gpd_survival(y: np.ndarray, xi: float, beta: float) -> np.ndarray:

@@ -212,6 +212,22 @@ def test_gpd_null_too_few_heldout_images(tmp_path: Path) -> None:
     _nothing_written(tmp_path, out)
 
 
+def test_a_null_that_cannot_be_fitted_stops_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import calibrate.pipeline
+
+    # bounds that change no held-out margin: every statistic is 0, a Gaussian has no width
+    monkeypatch.setattr(calibrate.pipeline, "statistic", lambda g, gz: np.zeros(len(g)))
+    out = tmp_path / "art"
+    code, _, err = run_cli(
+        _tiny_args(out, "--null", "gaussian", "--max-iters", "1", "--min-iters", "0",
+                   "--mmbd-steps", "5")
+    )  # fmt: skip
+    _assert_one_line_error(code, err, "gaussian null", "all equal")
+    _nothing_written(tmp_path, out)
+
+
 def test_gpd_null_calibrates_and_the_guard_reads_it(tmp_path: Path) -> None:
     import json
 

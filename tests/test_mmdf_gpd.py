@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from scipy import stats
+from scipy import optimize, stats
 
 from guard.mmdf import (
     GPD_MIN_SHAPE,
@@ -51,12 +51,18 @@ def test_fit_threshold_share_and_maximum_likelihood_tail() -> None:
     s = np.random.default_rng(0).permutation(s)
     u, zeta, xi, beta = fit_gpd_tail(s)
     assert u == 160.0 and zeta == pytest.approx(0.2)
-    ref_xi, _, ref_beta = stats.genpareto.fit(np.arange(1.0, 41.0), floc=0.0)
-    if ref_xi < GPD_MIN_SHAPE:  # uniform excesses: the free estimate is xi = -1
-        ref_xi = GPD_MIN_SHAPE
-        _, _, ref_beta = stats.genpareto.fit(np.arange(1.0, 41.0), f0=ref_xi, floc=0.0)
-    assert xi == pytest.approx(ref_xi) and beta == pytest.approx(ref_beta)
-    assert xi == GPD_MIN_SHAPE  # held at the limit: uniform excesses have a light tail
+    # uniform excesses 1..40 have a light tail: the free estimate is below -1/2, so the shape
+    # is held there and the scale is the likelihood's maximiser for that shape (> 40 / 2, the
+    # end of the support having to lie past the largest excess)
+    assert xi == GPD_MIN_SHAPE
+    excess = np.arange(1.0, 41.0)
+    best = optimize.minimize_scalar(
+        lambda b: -stats.genpareto.logpdf(excess, GPD_MIN_SHAPE, scale=b).sum(),
+        bounds=(20.0 + 1e-9, 1000.0),
+        method="bounded",
+        options={"xatol": 1e-10},
+    )
+    assert beta == pytest.approx(best.x, rel=1e-3)
 
 
 def test_fit_recovers_a_pareto_tail() -> None:
@@ -66,6 +72,15 @@ def test_fit_recovers_a_pareto_tail() -> None:
     assert abs(null.tail_xi) < 0.05 and null.tail_beta == pytest.approx(2.0, rel=0.05)
     # so the fitted p-value of a far value matches the true one, exp(-d / 2)
     assert p_values(null, np.array([16.0]))[0] == pytest.approx(math.exp(-8.0), rel=0.3)
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1e9])
+def test_fit_does_not_depend_on_the_unit(scale: float) -> None:
+    s = np.random.default_rng(5).lognormal(0.0, 1.0, size=200)
+    base, scaled = fit_null(s, "gpd"), fit_null(s * scale, "gpd")
+    assert scaled.tail_xi == pytest.approx(base.tail_xi, rel=1e-3, abs=1e-4)
+    assert scaled.tail_beta == pytest.approx(base.tail_beta * scale, rel=1e-3)
+    assert threshold(scaled, 0.005) == pytest.approx(threshold(base, 0.005) * scale, rel=1e-3)
 
 
 def test_p_values_body_conformal_tail_pareto_and_monotone() -> None:
