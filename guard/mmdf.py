@@ -234,10 +234,15 @@ def fit_gpd_tail(s: np.ndarray) -> tuple[float, float, float, float]:
             f"{u:.6g}, got {excess.size} (too many ties)"
         )
     unit = float(excess.mean())  # fitted in units of the mean excess: the fit is scale-free
-    xi, _, beta = genpareto.fit(excess / unit, floc=0.0)
+    y = excess / unit
+    xi, _, beta = genpareto.fit(y, floc=0.0)
     if not xi >= GPD_MIN_SHAPE:
         xi = GPD_MIN_SHAPE
-        _, _, beta = genpareto.fit(excess / unit, f0=xi, floc=0.0)
+        _, _, beta = genpareto.fit(y, f0=xi, floc=0.0)
+    # the optimiser can stall; the exponential law with the mean excess (xi = 0, beta = 1 in
+    # these units) is a valid candidate, so never return a fit less likely than it
+    if not genpareto.logpdf(y, xi, scale=beta).sum() >= genpareto.logpdf(y, 0.0).sum():
+        xi, beta = 0.0, 1.0
     return u, excess.size / n, float(xi), float(beta) * unit
 
 

@@ -145,3 +145,15 @@ def test_null_rejects_bad_tail(kwargs: dict) -> None:
     good = {"tail_u": 1.0, "tail_zeta": 0.2, "tail_xi": 0.1, "tail_beta": 0.5}
     with pytest.raises(ValueError, match="gpd null"):
         Null(kind="gpd", mu=0.0, sigma=1.0, samples=(1.0, 2.0), **(good | kwargs))
+
+
+def test_a_stalled_optimiser_falls_back_to_the_exponential_tail(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # scipy's fit returning a scale far too small (as it did on excesses of 1e9 before they
+    # were rescaled): the fit must not keep a tail less likely than the exponential one
+    monkeypatch.setattr(stats.genpareto, "fit", lambda *a, **k: (0.1, 0.0, 1e-12))
+    s = np.arange(1.0, 201.0)
+    u, zeta, xi, beta = fit_gpd_tail(s)
+    assert (u, zeta, xi) == (160.0, 0.2, 0.0)
+    assert beta == pytest.approx(np.arange(1.0, 41.0).mean())  # the mean excess
