@@ -11,9 +11,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from calibrate.config import REFERENCE_SCHEDULE, CalibrationConfig, ScheduleConfig
+from calibrate.config import (
+    DETECT_SCHEDULE,
+    REFERENCE_SCHEDULE,
+    CalibrationConfig,
+    ScheduleConfig,
+)
 from calibrate.errors import CalibrationError
 from guard.mmdf import NULL_KINDS
+
+SCHEDULES: dict[str, ScheduleConfig] = {
+    "default": ScheduleConfig(),
+    "detect": DETECT_SCHEDULE,
+    "reference": REFERENCE_SCHEDULE,
+}
 
 _SCHEDULE_FLAGS: dict[str, type] = {
     "mm_source": str,
@@ -93,9 +104,10 @@ def _add_method_flags(p: argparse.ArgumentParser) -> None:
     m.add_argument("--objective", choices=["mmac", "mmom"], default=d.objective)
     m.add_argument(
         "--schedule",
-        choices=["default", "reference"],
+        choices=list(SCHEDULES),
         default="default",
-        help="preset: this project's fast schedule or SPEC section 2's reference",
+        help="preset: this project's fast schedule, detection first (one iteration: bounds "
+        "near the clean maxima), or SPEC section 2's reference",
     )
     for name, kind in _SCHEDULE_FLAGS.items():
         m.add_argument(
@@ -139,7 +151,9 @@ def _add_method_flags(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> CalibrationConfig:
-    schedule = REFERENCE_SCHEDULE if args.schedule == "reference" else ScheduleConfig()
+    if args.schedule == "detect" and args.objective != "mmac":
+        raise CalibrationError("--schedule detect is for --objective mmac: MMOM needs learning")
+    schedule = SCHEDULES[args.schedule]
     overrides: dict[str, Any] = {
         k: getattr(args, k) for k in _SCHEDULE_FLAGS if getattr(args, k) is not None
     }

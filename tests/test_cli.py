@@ -212,6 +212,29 @@ def test_gpd_null_too_few_heldout_images(tmp_path: Path) -> None:
     _nothing_written(tmp_path, out)
 
 
+def test_detect_schedule_runs_one_iteration_from_the_clean_maxima(tmp_path: Path) -> None:
+    import json
+
+    out = tmp_path / "art"
+    code, _, err = run_cli(_tiny_args(out, "--schedule", "detect", "--mmbd-steps", "10"))
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    sched = manifest["hyperparameters"]["schedule"]
+    assert (sched["max_iters"], sched["min_iters"], sched["overtime_iters"]) == (1, 0, 0)
+    report = json.loads((out / "report.json").read_text())
+    assert report["iterations"] == 1 and len(report["history"]) == 1
+    # one Adam step of relative size 0.05 from the maxima: no bound moves further than that
+    for site in manifest["bounds"]:
+        assert site["final_max"] <= site["init_max"] * 1.05 + 1e-6
+
+
+def test_detect_schedule_refuses_mmom(tmp_path: Path) -> None:
+    out = tmp_path / "art"
+    code, _, err = run_cli(_tiny_args(out, "--schedule", "detect", "--objective", "mmom"))
+    _assert_one_line_error(code, err, "--schedule detect", "mmac")
+    _nothing_written(tmp_path, out)
+
+
 def test_a_null_that_cannot_be_fitted_stops_with_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
