@@ -25,8 +25,9 @@ with the guard's own decision code (``guard.mmdf.decide``):
   clean (1 - alpha) quantile, an oracle that compares statistics (calibration variants) apart
   from how well each null fits;
 - forward passes per input: 2 for the guard (original and bounded network), 1 + 64 for STRIP;
-- the guarded figures again for every null kind (``gaussian``, ``yeojohnson``, ``empirical``),
-  each fitted on the same held-out clean statistics as the artifact's own null.
+- the guarded figures again for every null kind (``gaussian``, ``yeojohnson``, ``empirical``,
+  ``gpd``), each fitted on the same held-out clean statistics as the artifact's own null
+  (``renull NAME [--variant V]`` refits them on a scored artifact, for a kind added later).
 
 Imbalanced models (``longtail``, ``step``) are calibrated with ``--objective mmom`` and scored by
 the bounded network's accuracy, overall and per class, against the original's.
@@ -179,18 +180,15 @@ def strip_scores(
     return out
 
 
-def evaluate_attack(
-    name: str,
-    art_dir: Path,
-    data: dict[str, np.ndarray],
-    idx: tuple[np.ndarray, ...],
-    fig_dir: Path,
-    suffix: str = "",
-) -> dict[str, Any]:
+def _guard_logits(
+    name: str, art_dir: Path, data: dict[str, np.ndarray], idx: tuple[np.ndarray, ...]
+) -> tuple[Any, ...]:
+    """Both networks' logits on the clean evaluation images and their triggered copies (the
+    model's own attack; the BadNets trigger for the attack-free model), in onnxruntime."""
     from guard.artifact import load_artifact
     from guard.engine import GuardEngine
 
-    _, strip_idx, eval_idx = idx
+    eval_idx = idx[2]
     attack: Attack = ATTACKS.get(parse_name(name)[0], ATTACKS[EVAL_ATTACK])
     art = load_artifact(art_dir)
     engine = GuardEngine(art, "cpu", threads=2)
@@ -202,6 +200,35 @@ def evaluate_attack(
     g, gz = batched(lambda b: engine.logits(to_float(b)), x)
     tg, tgz = batched(lambda b: engine.logits(to_float(b)), tx)
     guard_s = time.perf_counter() - t
+    return art, engine, attack, x, tx, (g, gz, y), (tg, tgz, ty, attacker), guard_s
+
+
+def rescore_nulls(
+    name: str, art_dir: Path, data: dict[str, np.ndarray], idx: tuple[np.ndarray, ...]
+) -> dict[str, Any]:
+    """``by_null`` again, for every null kind this code knows (one added after a model was
+    scored), without recalibrating or rerunning STRIP."""
+    art, _, _, _, _, (g, gz, y), (tg, tgz, ty, attacker), _ = _guard_logits(
+        name, art_dir, data, idx
+    )
+    return {
+        kind: guard_figures(g, gz, y, tg, tgz, ty, attacker, null, art.rule.alpha)
+        for kind, null in null_variants(art_dir).items()
+    }
+
+
+def evaluate_attack(
+    name: str,
+    art_dir: Path,
+    data: dict[str, np.ndarray],
+    idx: tuple[np.ndarray, ...],
+    fig_dir: Path,
+    suffix: str = "",
+) -> dict[str, Any]:
+    _, strip_idx, _ = idx
+    art, engine, attack, x, tx, (g, gz, y), (tg, tgz, ty, attacker), guard_s = _guard_logits(
+        name, art_dir, data, idx
+    )
     res: dict[str, Any] = {
         "undefended_clean_accuracy": float(np.mean(g.argmax(1) == y)),
         "undefended_asr": float(np.mean(tg.argmax(1) == attacker)),
@@ -362,6 +389,31 @@ def run(names: list[str], args: argparse.Namespace) -> None:
         print(json.dumps(result), flush=True)
 
 
+def renull(names: list[str], args: argparse.Namespace) -> None:
+    """Refit every null kind on each scored artifact's held-out statistics and update the
+    ``by_null`` entry of its results file; the artifact's own figures must come out unchanged."""
+    from benchmarks.cifar import load_cifar10
+
+    data = load_cifar10(args.data, args.cache_dir)
+    idx = split_test(data["y_test"])
+    suffix = f"-{args.variant}" if args.variant else ""
+    for name in names:
+        path = args.cache_dir / "eval" / name / f"results{suffix}.json"
+        if not path.exists():
+            print(f"{name}{suffix}: no results at {path}; skipped", file=sys.stderr)
+            continue
+        result = json.loads(path.read_text())
+        if "p" not in result:
+            continue  # MMOM models are scored by accuracy, not by a null
+        by_null = rescore_nulls(name, path.parent / f"artifact{suffix}", data, idx)
+        own = by_null[result["null"]]
+        if own["p"] != result["p"]:
+            raise SystemExit(f"{name}{suffix}: the artifact no longer gives its recorded figures")
+        result["by_null"] = by_null
+        path.write_text(json.dumps(result, indent=2))
+        print(f"{name}{suffix}: by_null now {', '.join(by_null)}", file=sys.stderr, flush=True)
+
+
 def pct(v: float) -> str:
     return f"{100 * v:.2f}"
 
@@ -391,15 +443,17 @@ def _earlier_defaults(cache_dir: Path, name: str) -> list[str]:
     return found
 
 
-def table(cache_dir: Path, null_kind: str | None = None) -> str:
-    """Markdown tables of every results.json under CACHE/eval; the first with ``null_kind``'s
-    figures (refitted on the artifact's held-out statistics), or the artifact's own null. A
-    model whose artifact was calibrated with earlier defaults is marked "(*)"."""
-    found = {p.parent.name for p in (cache_dir / "eval").glob("*/results.json")}
+def table(cache_dir: Path, null_kind: str | None = None, variant: str = "") -> str:
+    """Markdown tables of every results.json under CACHE/eval (results-VARIANT.json with
+    ``variant``); the first with ``null_kind``'s figures (refitted on the artifact's held-out
+    statistics), or the artifact's own null. A model whose default artifact was calibrated with
+    earlier defaults is marked "(*)"."""
+    fname = f"results-{variant}.json" if variant else "results.json"
+    found = {p.parent.name for p in (cache_dir / "eval").glob(f"*/{fname}")}
     extra = sorted(n for n in found - set(NAMES) if _is_model(n))
-    rows = {n: cache_dir / "eval" / n / "results.json" for n in (*NAMES, *extra)}
+    rows = {n: cache_dir / "eval" / n / fname for n in (*NAMES, *extra)}
     res = {n: json.loads(p.read_text()) for n, p in rows.items() if p.exists()}
-    older = {n: e for n in res if (e := _earlier_defaults(cache_dir, n))}
+    older = {} if variant else {n: e for n in res if (e := _earlier_defaults(cache_dir, n))}
     lines = [
         "| model | undefended clean acc | guarded clean acc (p / p+dis) | undefended ASR "
         "| guarded ASR (p / p+dis) | restored (p / p+dis) | TPR (p / p+dis) "
@@ -408,6 +462,9 @@ def table(cache_dir: Path, null_kind: str | None = None) -> str:
     ]
     for n, r in res.items():
         if parse_name(n)[0] in IMBALANCED:
+            continue
+        if null_kind and null_kind not in r["by_null"]:
+            print(f"{n}: no {null_kind} figures; `renull {n}` adds them", file=sys.stderr)
             continue
         figs = r["by_null"][null_kind] if null_kind else r
         p, q, s = figs["p"], figs["p_dis"], r["strip"]
@@ -494,9 +551,6 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="calibrate (unless --artifact) and evaluate models")
     r.add_argument("names", nargs="+", type=model_name, help=f"{', '.join(NAMES)} [_eN]")
     r.add_argument(
-        "--data", type=Path, default=REPO_ROOT.parent / "shared" / "data" / "cifar10_jpg.tar.xz"
-    )
-    r.add_argument(
         "--variant",
         default="",
         help="a calibration variant: its artifact, results and figure are kept apart from the "
@@ -518,17 +572,32 @@ def main(argv: list[str] | None = None) -> int:
         "--recalibrate", action="store_true", help="calibrate even if CACHE/eval/NAME has one"
     )
     r.add_argument("--fig-dir", type=Path, default=REPO_ROOT / "docs" / "figures")
+    n = sub.add_parser(
+        "renull", help="refit every null kind on scored artifacts (updates by_null only)"
+    )
+    n.add_argument("names", nargs="+", type=model_name)
+    n.add_argument("--variant", default="", help="the calibration variant to rescore")
     t = sub.add_parser("table", help="print markdown tables of all results")
     t.add_argument(
         "--null",
         default=None,
         help="main table under this null kind (default: each artifact's own null)",
     )
-    for p in (r, t):
+    t.add_argument("--variant", default="", help="main table of this calibration variant")
+    for p in (r, n):
+        p.add_argument(
+            "--data",
+            type=Path,
+            default=REPO_ROOT.parent / "shared" / "data" / "cifar10_jpg.tar.xz",
+        )
+    for p in (r, n, t):
         p.add_argument("--cache-dir", type=Path, default=REPO_ROOT / ".cache" / "bench")
     args = parser.parse_args(argv)
     if args.cmd == "table":
-        print(table(args.cache_dir, args.null))
+        print(table(args.cache_dir, args.null, args.variant))
+        return 0
+    if args.cmd == "renull":
+        renull(args.names, args)
         return 0
     if args.artifact is not None and len(args.names) != 1:
         parser.error("--artifact scores one model: name exactly one")

@@ -126,3 +126,28 @@ def test_evaluation_variants_keep_apart_from_the_default_and_list_after_it(
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2
+
+
+def test_main_table_of_a_variant_under_another_null(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from benchmarks.evaluate import table
+
+    variant = {"name": "detect", "calibrate_args": "--schedule detect"}
+    for name, asr, by_null in (("wanet", 0.5992, {}), ("badnets", 0.001, {"gpd": None})):
+        model = tmp_path / "eval" / name
+        model.mkdir(parents=True)
+        (model / "results.json").write_text(json.dumps(_result(asr)))
+        r = _result(asr / 2, variant)
+        if by_null:
+            gpd = _result(0.0123)
+            r["by_null"] = {"gpd": {"p": gpd["p"], "p_dis": gpd["p_dis"]}}
+        (model / "results-detect.json").write_text(json.dumps(r))
+    text = table(tmp_path, "gpd", "detect")
+    main_rows = [line for line in text.splitlines() if line.endswith("(p=1e-06) |")]
+    # badnets' variant row under its gpd figures; wanet's variant has none, so no row
+    assert len(main_rows) == 1 and main_rows[0].startswith("| badnets | 81.00")
+    assert "1.23 / 1.23" in main_rows[0]
+    assert "wanet: no gpd figures" in capsys.readouterr().err
