@@ -308,7 +308,7 @@ def threshold(null: Null, alpha: float) -> float:
 
     gaussian: mu + sigma * Phi^{-1}(1 - alpha). empirical: the lowest sample value whose
     conformal p-value is below alpha (inf if no value can reach it). gpd: u plus the tail's
-    excess at survival alpha / zeta when alpha < zeta, else the empirical threshold.
+    excess at survival alpha / zeta when alpha <= zeta, else the empirical threshold.
     """
     from scipy.special import ndtri
 
@@ -318,7 +318,7 @@ def threshold(null: Null, alpha: float) -> float:
         t = null.mu + null.sigma * ndtri(1.0 - alpha)
         d = float(yeo_johnson_inverse(np.array([t]), null.lmbda)[0])
         return d if math.isfinite(d) else math.inf  # beyond the transform's range: never
-    if null.kind == "gpd" and alpha < null.tail_zeta:
+    if null.kind == "gpd" and alpha <= null.tail_zeta:
         excess = gpd_inverse_survival(alpha / null.tail_zeta, null.tail_xi, null.tail_beta)
         return null.tail_u + excess
     ref = np.asarray(null.samples, dtype=np.float64)
