@@ -1,0 +1,106 @@
+"""Two statistics on one input: the learned (MMAC) bounds' and the start bounds' (``--schedule
+detect``), each under its own null, flagged when either p-value is below alpha / 2 (Bonferroni,
+so the nominal false-positive rate stays alpha). A measurement for the next design, not what
+``mmguard serve`` runs: it costs three forward passes per input instead of two.
+
+Run from the repository root, after ``benchmarks.evaluate run NAME`` and
+``benchmarks.evaluate run NAME --variant iter1 --calibrate-args '--max-iters 1 --min-iters 0
+--overtime-iters 0'``::
+
+    .venv/bin/python -m benchmarks.combine wanet badnets blended
+
+For each model it prints one markdown row per pair of nulls (learned / start) and writes
+``CACHE/eval/NAME/combined.json``. A flagged input gets the learned bounded network's best class
+other than the original decision, as in SPEC 4.5.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.evaluate import REPO_ROOT, _guard_logits, null_variants, split_test
+from benchmarks.train_models import model_name
+
+PAIRS = (("yeojohnson", "gpd"), ("gpd", "gpd"), ("yeojohnson", "yeojohnson"))
+
+
+def corrected_labels(g: np.ndarray, gz: np.ndarray, flagged: np.ndarray) -> np.ndarray:
+    """The original decision, or for a flagged input the bounded network's best other class."""
+    c = g.argmax(axis=1)
+    others = gz.astype(np.float64)
+    others[np.arange(len(c)), c] = -np.inf
+    return np.where(flagged, others.argmax(axis=1), c)
+
+
+def combine(name: str, cache_dir: Path, data: dict[str, np.ndarray], variant: str) -> list[dict]:
+    from guard.mmdf import p_values, statistic
+
+    idx = split_test(data["y_test"])
+    base = cache_dir / "eval" / name
+    learned = _guard_logits(name, base / "artifact", data, idx)
+    start = _guard_logits(name, base / f"artifact-{variant}", data, idx)
+    (g, gz_l, y), (tg, tgz_l, ty, attacker) = learned[5], learned[6]
+    gz_s, tgz_s = start[5][1], start[6][1]
+    if not np.allclose(g, start[5][0], atol=1e-3):
+        raise SystemExit(f"{name}: the two artifacts' original networks differ")
+    alpha = learned[0].rule.alpha
+    nulls_l, nulls_s = null_variants(base / "artifact"), null_variants(base / f"artifact-{variant}")
+    rows = []
+    for kind_l, kind_s in PAIRS:
+        out: dict[str, Any] = {"null_learned": kind_l, "null_start": kind_s}
+        for tag, (gg, gl, gs) in (("clean", (g, gz_l, gz_s)), ("triggered", (tg, tgz_l, tgz_s))):
+            p_l = p_values(nulls_l[kind_l], statistic(gg, gl))
+            p_s = p_values(nulls_s[kind_s], statistic(gg, gs))
+            flagged = (p_l < alpha / 2) | (p_s < alpha / 2)
+            out[tag] = (flagged, corrected_labels(gg, gl, flagged))
+        (fc, lc), (ft, lt) = out.pop("clean"), out.pop("triggered")
+        out |= {
+            "fpr": float(fc.mean()),
+            "clean_accuracy": float(np.mean(lc == y)),
+            "tpr": float(ft.mean()),
+            "asr": float(np.mean(lt == attacker)),
+            "restored": float(np.mean(lt == ty)),
+        }
+        rows.append(out)
+    (base / "combined.json").write_text(json.dumps({"variant": variant, "rows": rows}, indent=2))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="+", type=model_name)
+    parser.add_argument("--variant", default="iter1", help="the start bounds' variant")
+    parser.add_argument(
+        "--data", type=Path, default=REPO_ROOT.parent / "shared" / "data" / "cifar10_jpg.tar.xz"
+    )
+    parser.add_argument("--cache-dir", type=Path, default=REPO_ROOT / ".cache" / "bench")
+    args = parser.parse_args(argv)
+    from benchmarks.cifar import load_cifar10
+
+    data = load_cifar10(args.data, args.cache_dir)
+    print(
+        "| model | null, learned / start | clean FPR | guarded clean acc | guarded ASR "
+        "| restored | TPR |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for name in args.names:
+        for r in combine(name, args.cache_dir, data, args.variant):
+            figs = " | ".join(
+                f"{100 * r[k]:.2f}" for k in ("fpr", "clean_accuracy", "asr", "restored", "tpr")
+            )
+            print(f"| {name} | {r['null_learned']} / {r['null_start']} | {figs} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
