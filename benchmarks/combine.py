@@ -9,9 +9,10 @@ Run from the repository root, after ``benchmarks.evaluate run NAME`` and
 
     .venv/bin/python -m benchmarks.combine wanet badnets blended
 
-For each model it prints one markdown row per pair of nulls (learned / start) and writes
-``CACHE/eval/NAME/combined.json``. A flagged input gets the learned bounded network's best class
-other than the original decision, as in SPEC 4.5.
+For each model it prints a markdown row for each statistic alone under each null ("-" for the
+statistic not used), then one per pair of nulls (learned / start) for both together, and
+writes ``CACHE/eval/NAME/combined.json``. A flagged input gets its bounded network's best
+class other than the original decision, as in SPEC 4.5 (the learned one's, for both together).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.evalmetrics import auroc, tpr_at_fpr
 from benchmarks.evaluate import REPO_ROOT, _guard_logits, null_variants, split_test
 from benchmarks.train_models import model_name
 
@@ -56,6 +58,25 @@ def combine(name: str, cache_dir: Path, data: dict[str, np.ndarray], variant: st
     alpha = learned[0].rule.alpha
     nulls_l, nulls_s = null_variants(base / "artifact"), null_variants(base / f"artifact-{variant}")
     rows = []
+    # each statistic alone first (what `mmguard serve` runs with either artifact)
+    for which, (nulls, gl, tgl) in (
+        ("learned", (nulls_l, gz_l, tgz_l)),
+        ("start", (nulls_s, gz_s, tgz_s)),
+    ):
+        d_clean, d_trig = statistic(g, gl), statistic(tg, tgl)
+        tpr, _ = tpr_at_fpr(d_clean, d_trig, alpha)
+        for kind in ("yeojohnson", "gpd"):
+            fc = p_values(nulls[kind], d_clean) < alpha
+            ft = p_values(nulls[kind], d_trig) < alpha
+            lc, lt = corrected_labels(g, gl, fc), corrected_labels(tg, tgl, ft)
+            rows.append(
+                {"null_learned": kind if which == "learned" else "-",
+                 "null_start": kind if which == "start" else "-",
+                 "fpr": float(fc.mean()), "clean_accuracy": float(np.mean(lc == y)),
+                 "tpr": float(ft.mean()), "asr": float(np.mean(lt == attacker)),
+                 "restored": float(np.mean(lt == ty)), "matched_tpr": tpr,
+                 "auroc": auroc(d_clean, d_trig)}
+            )  # fmt: skip
     for kind_l, kind_s in PAIRS:
         out: dict[str, Any] = {"null_learned": kind_l, "null_start": kind_s}
         for tag, (gg, gl, gs) in (("clean", (g, gz_l, gz_s)), ("triggered", (tg, tgz_l, tgz_s))):
@@ -90,15 +111,19 @@ def main(argv: list[str] | None = None) -> int:
     data = load_cifar10(args.data, args.cache_dir)
     print(
         "| model | null, learned / start | clean FPR | guarded clean acc | guarded ASR "
-        "| restored | TPR |"
+        "| restored | TPR | TPR at a matched FPR | AUROC |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in args.names:
         for r in combine(name, args.cache_dir, data, args.variant):
             figs = " | ".join(
                 f"{100 * r[k]:.2f}" for k in ("fpr", "clean_accuracy", "asr", "restored", "tpr")
             )
-            print(f"| {name} | {r['null_learned']} / {r['null_start']} | {figs} |", flush=True)
+            single = f"{100 * r['matched_tpr']:.2f} | {r['auroc']:.4f}" if "auroc" in r else "- | -"
+            print(
+                f"| {name} | {r['null_learned']} / {r['null_start']} | {figs} | {single} |",
+                flush=True,
+            )
     return 0
 
 
