@@ -11,7 +11,7 @@ Run from the repository root, after ``benchmarks.evaluate run NAME`` and
 
 For each model it prints a markdown row for each statistic alone under each null ("-" for the
 statistic not used), then one per pair of nulls (learned / start) for both together, and
-writes ``CACHE/eval/NAME/combined.json``. A flagged input gets its bounded network's best
+writes ``CACHE/eval/NAME/combined-VARIANT.json``. A flagged input gets its bounded network's best
 class other than the original decision, as in SPEC 4.5 (the learned one's, for both together).
 """
 
@@ -93,7 +93,8 @@ def combine(name: str, cache_dir: Path, data: dict[str, np.ndarray], variant: st
             "restored": float(np.mean(lt == ty)),
         }
         rows.append(out)
-    (base / "combined.json").write_text(json.dumps({"variant": variant, "rows": rows}, indent=2))
+    out_path = base / f"combined-{variant}.json"
+    out_path.write_text(json.dumps({"variant": variant, "rows": rows}, indent=2))
     return rows
 
 
