@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.evalmetrics import auroc, tpr_at_fpr
-from benchmarks.evaluate import REPO_ROOT, _guard_logits, null_variants, split_test
+from benchmarks.evaluate import REPO_ROOT, guard_logits, null_variants, split_test
 from benchmarks.train_models import model_name
 
 PAIRS = (("yeojohnson", "gpd"), ("gpd", "gpd"), ("yeojohnson", "yeojohnson"))
@@ -49,13 +49,13 @@ def combine(name: str, cache_dir: Path, data: dict[str, np.ndarray], variant: st
 
     idx = split_test(data["y_test"])
     base = cache_dir / "eval" / name
-    learned = _guard_logits(name, base / "artifact", data, idx)
-    start = _guard_logits(name, base / f"artifact-{variant}", data, idx)
-    (g, gz_l, y), (tg, tgz_l, ty, attacker) = learned[5], learned[6]
-    gz_s, tgz_s = start[5][1], start[6][1]
-    if not np.allclose(g, start[5][0], atol=1e-3):
+    learned = guard_logits(name, base / "artifact", data, idx)
+    start = guard_logits(name, base / f"artifact-{variant}", data, idx)
+    g, gz_l, y, tg, tgz_l = learned.g, learned.gz, learned.y, learned.tg, learned.tgz
+    ty, attacker, gz_s, tgz_s = learned.ty, learned.attacker, start.gz, start.tgz
+    if not np.allclose(g, start.g, atol=1e-3):
         raise SystemExit(f"{name}: the two artifacts' original networks differ")
-    alpha = learned[0].rule.alpha
+    alpha = learned.art.rule.alpha
     nulls_l, nulls_s = null_variants(base / "artifact"), null_variants(base / f"artifact-{variant}")
     rows = []
     # each statistic alone first (what `mmguard serve` runs with either artifact)

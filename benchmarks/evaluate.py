@@ -50,7 +50,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -180,9 +180,28 @@ def strip_scores(
     return out
 
 
-def _guard_logits(
+class GuardLogits(NamedTuple):
+    """Both networks' logits on the clean evaluation images (x, labels y) and their triggered
+    copies (tx, true labels ty, the attacker's labels), and what produced them."""
+
+    art: Any
+    engine: Any
+    attack: Attack
+    x: np.ndarray
+    tx: np.ndarray
+    g: np.ndarray
+    gz: np.ndarray
+    y: np.ndarray
+    tg: np.ndarray
+    tgz: np.ndarray
+    ty: np.ndarray
+    attacker: np.ndarray
+    seconds: float
+
+
+def guard_logits(
     name: str, art_dir: Path, data: dict[str, np.ndarray], idx: tuple[np.ndarray, ...]
-) -> tuple[Any, ...]:
+) -> GuardLogits:
     """Both networks' logits on the clean evaluation images and their triggered copies (the
     model's own attack; the BadNets trigger for the attack-free model), in onnxruntime."""
     from guard.artifact import load_artifact
@@ -199,8 +218,8 @@ def _guard_logits(
     t = time.perf_counter()
     g, gz = batched(lambda b: engine.logits(to_float(b)), x)
     tg, tgz = batched(lambda b: engine.logits(to_float(b)), tx)
-    guard_s = time.perf_counter() - t
-    return art, engine, attack, x, tx, (g, gz, y), (tg, tgz, ty, attacker), guard_s
+    seconds = time.perf_counter() - t
+    return GuardLogits(art, engine, attack, x, tx, g, gz, y, tg, tgz, ty, attacker, seconds)
 
 
 def rescore_nulls(
@@ -208,11 +227,9 @@ def rescore_nulls(
 ) -> dict[str, Any]:
     """``by_null`` again, for every null kind this code knows (one added after a model was
     scored), without recalibrating or rerunning STRIP."""
-    art, _, _, _, _, (g, gz, y), (tg, tgz, ty, attacker), _ = _guard_logits(
-        name, art_dir, data, idx
-    )
+    s = guard_logits(name, art_dir, data, idx)
     return {
-        kind: guard_figures(g, gz, y, tg, tgz, ty, attacker, null, art.rule.alpha)
+        kind: guard_figures(s.g, s.gz, s.y, s.tg, s.tgz, s.ty, s.attacker, null, s.art.rule.alpha)
         for kind, null in null_variants(art_dir).items()
     }
 
@@ -226,7 +243,7 @@ def evaluate_attack(
     suffix: str = "",
 ) -> dict[str, Any]:
     _, strip_idx, _ = idx
-    art, engine, attack, x, tx, (g, gz, y), (tg, tgz, ty, attacker), guard_s = _guard_logits(
+    art, engine, attack, x, tx, g, gz, y, tg, tgz, ty, attacker, guard_s = guard_logits(
         name, art_dir, data, idx
     )
     res: dict[str, Any] = {
