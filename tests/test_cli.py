@@ -45,6 +45,17 @@ def _tiny_args(out: Path, *extra: str) -> list[str]:
     ]
 
 
+def _calibrate_tiny(out: Path, *extra: str) -> tuple[dict, dict]:
+    """Calibrate the tiny example into ``out`` with ``extra`` flags; expect success and return
+    the manifest and the report."""
+    import json
+
+    code, _, err = run_cli(_tiny_args(out, *extra))
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    return manifest, json.loads((out / "report.json").read_text())
+
+
 def _assert_one_line_error(code: int, err: str, *fragments: str) -> None:
     assert code == 2, err
     lines = [ln for ln in err.splitlines() if ln.strip()]
@@ -183,18 +194,12 @@ def test_torchscript_model_calibrates_end_to_end(tmp_path: Path) -> None:
 
 
 def test_mmom_objective_records_its_settings(tmp_path: Path) -> None:
-    import json
-
-    out = tmp_path / "art"
-    code, _, err = run_cli(
-        _tiny_args(out, "--objective", "mmom", "--max-iters", "6", "--min-iters", "6",
-                   "--mmom-lambda", "0.3", "--mmbd-steps", "10")
+    manifest, report = _calibrate_tiny(
+        tmp_path / "art", "--objective", "mmom", "--max-iters", "6", "--min-iters", "6",
+        "--mmom-lambda", "0.3", "--mmbd-steps", "10",
     )  # fmt: skip
-    assert code == 0, err
-    manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["objective"] == "mmom"
     assert manifest["hyperparameters"]["schedule"]["mmom_lambda"] == 0.3
-    report = json.loads((out / "report.json").read_text())
     assert [row["lambda"] for row in report["history"]] == [0.3] * 6  # MMOM: lambda is fixed
 
 
@@ -213,15 +218,11 @@ def test_gpd_null_too_few_heldout_images(tmp_path: Path) -> None:
 
 
 def test_detect_schedule_runs_one_iteration_from_the_clean_maxima(tmp_path: Path) -> None:
-    import json
-
-    out = tmp_path / "art"
-    code, _, err = run_cli(_tiny_args(out, "--schedule", "detect", "--mmbd-steps", "10"))
-    assert code == 0, err
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest, report = _calibrate_tiny(
+        tmp_path / "art", "--schedule", "detect", "--mmbd-steps", "10"
+    )
     sched = manifest["hyperparameters"]["schedule"]
     assert (sched["max_iters"], sched["min_iters"], sched["overtime_iters"]) == (1, 0, 0)
-    report = json.loads((out / "report.json").read_text())
     assert report["iterations"] == 1 and len(report["history"]) == 1
     # one Adam step of relative size 0.05 from the maxima: no bound moves further than that
     for site in manifest["bounds"]:
@@ -252,18 +253,14 @@ def test_a_null_that_cannot_be_fitted_stops_with_one_line(
 
 
 def test_gpd_null_calibrates_and_the_guard_reads_it(tmp_path: Path) -> None:
-    import json
-
     from guard.artifact import load_artifact
     from guard.mmdf import p_values, threshold
 
     out = tmp_path / "art"
-    code, _, err = run_cli(
-        _tiny_args(out, "--null", "gpd", "--heldout-fraction", "0.9", "--max-iters", "4",
-                   "--min-iters", "1", "--mmbd-steps", "10")
+    _, report = _calibrate_tiny(
+        out, "--null", "gpd", "--heldout-fraction", "0.9", "--max-iters", "4", "--min-iters", "1",
+        "--mmbd-steps", "10",
     )  # fmt: skip
-    assert code == 0, err
-    report = json.loads((out / "report.json").read_text())
     assert report["null"]["kind"] == "gpd" and report["null"]["n"] == 108
     art = load_artifact(out)
     assert art.null.kind == "gpd" and art.null.tail_zeta == 22 / 108  # ceil(0.2 * 108) above u
