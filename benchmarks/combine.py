@@ -30,7 +30,13 @@ from typing import Any
 import numpy as np
 
 from benchmarks.evalmetrics import auroc, tpr_at_fpr
-from benchmarks.evaluate import REPO_ROOT, guard_logits, null_variants, split_test
+from benchmarks.evaluate import (
+    REPO_ROOT,
+    guard_figures,
+    guard_logits,
+    null_variants,
+    split_test,
+)
 from benchmarks.train_models import model_name
 
 PAIRS = (("yeojohnson", "gpd"), ("gpd", "gpd"), ("yeojohnson", "yeojohnson"))
@@ -38,10 +44,10 @@ PAIRS = (("yeojohnson", "gpd"), ("gpd", "gpd"), ("yeojohnson", "yeojohnson"))
 
 def corrected_labels(g: np.ndarray, gz: np.ndarray, flagged: np.ndarray) -> np.ndarray:
     """The original decision, or for a flagged input the bounded network's best other class."""
+    from guard.mmdf import best_other_class
+
     c = g.argmax(axis=1)
-    others = gz.astype(np.float64)
-    others[np.arange(len(c)), c] = -np.inf
-    return np.where(flagged, others.argmax(axis=1), c)
+    return np.where(flagged, best_other_class(gz, c), c)
 
 
 def combine(name: str, cache_dir: Path, data: dict[str, np.ndarray], variant: str) -> list[dict]:
@@ -66,16 +72,11 @@ def combine(name: str, cache_dir: Path, data: dict[str, np.ndarray], variant: st
         d_clean, d_trig = statistic(g, gl), statistic(tg, tgl)
         tpr, _ = tpr_at_fpr(d_clean, d_trig, alpha)
         for kind in ("yeojohnson", "gpd"):
-            fc = p_values(nulls[kind], d_clean) < alpha
-            ft = p_values(nulls[kind], d_trig) < alpha
-            lc, lt = corrected_labels(g, gl, fc), corrected_labels(tg, tgl, ft)
+            figs = guard_figures(g, gl, y, tg, tgl, ty, attacker, nulls[kind], alpha)["p"]
             rows.append(
                 {"null_learned": kind if which == "learned" else "-",
                  "null_start": kind if which == "start" else "-",
-                 "fpr": float(fc.mean()), "clean_accuracy": float(np.mean(lc == y)),
-                 "tpr": float(ft.mean()), "asr": float(np.mean(lt == attacker)),
-                 "restored": float(np.mean(lt == ty)), "matched_tpr": tpr,
-                 "auroc": auroc(d_clean, d_trig)}
+                 **figs, "matched_tpr": tpr, "auroc": auroc(d_clean, d_trig)}
             )  # fmt: skip
     for kind_l, kind_s in PAIRS:
         out: dict[str, Any] = {"null_learned": kind_l, "null_start": kind_s}

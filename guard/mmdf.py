@@ -364,6 +364,13 @@ class Decisions:
     logits: np.ndarray  # float32 [N, K]: original logits, bounded ones where flagged
 
 
+def best_other_class(bounded_logits: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """argmax_{k != c} g_k(x; Z) per row: the correction of a flagged input (SPEC 4.5)."""
+    masked = np.asarray(bounded_logits, dtype=np.float64).copy()
+    masked[np.arange(masked.shape[0]), c] = -np.inf
+    return np.argmax(masked, axis=1).astype(np.int64)
+
+
 def decide(
     original_logits: np.ndarray, bounded_logits: np.ndarray, null: Null, rule: DecisionRule
 ) -> Decisions:
@@ -378,10 +385,6 @@ def decide(
     flagged = p < rule.alpha
     if rule.flag_on_disagreement:
         flagged |= c != cz
-    rows = np.arange(g.shape[0])
-    masked = gz.astype(np.float64)
-    masked[rows, c] = -np.inf
-    corrected = np.argmax(masked, axis=1).astype(np.int64)
-    label = np.where(flagged, corrected, c)
+    label = np.where(flagged, best_other_class(gz, c), c)
     logits = np.where(flagged[:, None], gz, g).astype(np.float32)
     return Decisions(label, flagged, p, d, c, cz, logits)
