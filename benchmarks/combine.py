@@ -1,7 +1,9 @@
 """Two statistics on one input: the learned (MMAC) bounds' and the start bounds' (``--schedule
 detect``), each under its own null, flagged when either p-value is below alpha / 2 (Bonferroni,
-so the nominal false-positive rate stays alpha). A measurement for the next design, not what
-``mmguard serve`` runs: it costs three forward passes per input instead of two.
+so the nominal false-positive rate stays alpha). ``mmguard calibrate --start-detector`` now
+builds this guard in one calibration (its start bounds are the ``detect`` variant's, see
+tests/test_start_detector.py); this script scores it from two separate artifacts, with every
+pair of nulls. Three forward passes per input instead of two.
 
 Run from the repository root, after ``benchmarks.evaluate run NAME`` and
 ``benchmarks.evaluate run NAME --variant iter1 --calibrate-args '--max-iters 1 --min-iters 0

@@ -24,7 +24,8 @@ with the guard's own decision code (``guard.mmdf.decide``):
 - the guard's TPR at a matched FPR: the MMDF statistic thresholded at the evaluation set's own
   clean (1 - alpha) quantile, an oracle that compares statistics (calibration variants) apart
   from how well each null fits;
-- forward passes per input: 2 for the guard (original and bounded network), 1 + 64 for STRIP;
+- forward passes per input: 2 for the guard (original and bounded network; 3 with a start
+  detector), 1 + 64 for STRIP;
 - the guarded figures again for every null kind (``gaussian``, ``yeojohnson``, ``empirical``,
   ``gpd``), each fitted on the same held-out clean statistics as the artifact's own null
   (``renull NAME [--variant V]`` refits them on a scored artifact, for a kind added later).
@@ -127,15 +128,20 @@ def guard_figures(
     attacker: np.ndarray,
     null: Any,
     alpha: float,
+    start: tuple[Any, np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Guarded figures on clean (g, gz, y) and triggered (tg, tgz, ty) inputs under ``null``,
-    with the disagreement rule off (``p``) and on (``p_dis``)."""
-    from guard.mmdf import DecisionRule, decide
+    with the disagreement rule off (``p``) and on (``p_dis``). ``start``: the start detector's
+    null and its logits on the clean and the triggered inputs, when the artifact has one."""
+    from guard.mmdf import DecisionRule, StartDetector, decide
 
+    sd_clean = sd_trig = None
+    if start is not None:
+        sd_clean, sd_trig = StartDetector(start[1], start[0]), StartDetector(start[2], start[0])
     out: dict[str, Any] = {}
     for tag, dis in (("p", False), ("p_dis", True)):
         rule = DecisionRule(alpha, flag_on_disagreement=dis)
-        clean, trig = decide(g, gz, null, rule), decide(tg, tgz, null, rule)
+        clean, trig = decide(g, gz, null, rule, sd_clean), decide(tg, tgz, null, rule, sd_trig)
         out[tag] = {
             "clean_accuracy": float(np.mean(clean.label == y)),
             "fpr": float(np.mean(clean.flagged)),
@@ -144,6 +150,9 @@ def guard_figures(
             "tpr": float(np.mean(trig.flagged)),
         }
     return out
+
+
+THREADS = [2]  # torch and onnxruntime threads of a `run` (its --threads)
 
 
 def null_variants(art_dir: Path) -> dict[str, Any]:
@@ -181,8 +190,9 @@ def strip_scores(
 
 
 class GuardLogits(NamedTuple):
-    """Both networks' logits on the clean evaluation images (x, labels y) and their triggered
-    copies (tx, true labels ty, the attacker's labels), and what produced them."""
+    """The networks' logits on the clean evaluation images (x, labels y) and their triggered
+    copies (tx, true labels ty, the attacker's labels), and what produced them. gs and tgs: the
+    start detector's logits, None when the artifact has none."""
 
     art: Any
     engine: Any
@@ -197,6 +207,33 @@ class GuardLogits(NamedTuple):
     ty: np.ndarray
     attacker: np.ndarray
     seconds: float
+    gs: np.ndarray | None = None
+    tgs: np.ndarray | None = None
+
+    def start(self) -> tuple[Any, np.ndarray, np.ndarray] | None:
+        """guard_figures' ``start`` argument: the artifact's start null and logits, or None."""
+        if self.art.start_null is None or self.gs is None or self.tgs is None:
+            return None
+        return self.art.start_null, self.gs, self.tgs
+
+    def detection_scores(self) -> tuple[np.ndarray, np.ndarray]:
+        """What ranks clean against triggered inputs: the MMDF statistic d; with a start
+        detector, -log of the smaller of its two p-values (the order of the combined p-value,
+        which ties at 1)."""
+        from guard.mmdf import p_values, statistic
+
+        d_clean, d_trig = statistic(self.g, self.gz), statistic(self.tg, self.tgz)
+        start = self.start()
+        if start is None:
+            return d_clean, d_trig
+        null_s, gs, tgs = start
+        tiny = np.finfo(np.float64).tiny
+
+        def score(d: np.ndarray, d_start: np.ndarray) -> np.ndarray:
+            p = np.minimum(p_values(self.art.null, d), p_values(null_s, d_start))
+            return np.asarray(-np.log(np.maximum(p, tiny)))
+
+        return score(d_clean, statistic(self.g, gs)), score(d_trig, statistic(self.tg, tgs))
 
 
 def guard_logits(
@@ -210,16 +247,23 @@ def guard_logits(
     eval_idx = idx[2]
     attack: Attack = ATTACKS.get(parse_name(name)[0], ATTACKS[EVAL_ATTACK])
     art = load_artifact(art_dir)
-    engine = GuardEngine(art, "cpu", threads=2)
+    engine = GuardEngine(art, "cpu", threads=THREADS[0])
     x, y = data["x_test"][eval_idx], data["y_test"][eval_idx]
     mask = attack.eval_mask(y)
     tx, ty = attack.trigger(x[mask]), y[mask]
     attacker = attack.attacker_labels(ty)
+
+    def forward(b: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(v for v in engine.logits(to_float(b)) if v is not None)
+
     t = time.perf_counter()
-    g, gz = batched(lambda b: engine.logits(to_float(b)), x)
-    tg, tgz = batched(lambda b: engine.logits(to_float(b)), tx)
+    clean, trig = batched(forward, x), batched(forward, tx)
     seconds = time.perf_counter() - t
-    return GuardLogits(art, engine, attack, x, tx, g, gz, y, tg, tgz, ty, attacker, seconds)
+    g, gz, gs = (*clean, None)[:3]
+    tg, tgz, tgs = (*trig, None)[:3]
+    return GuardLogits(
+        art, engine, attack, x, tx, g, gz, y, tg, tgz, ty, attacker, seconds, gs, tgs
+    )
 
 
 def rescore_nulls(
@@ -228,8 +272,9 @@ def rescore_nulls(
     """``by_null`` again, for every null kind this code knows (one added after a model was
     scored), without recalibrating or rerunning STRIP."""
     s = guard_logits(name, art_dir, data, idx)
+    alpha = s.art.rule.alpha
     return {
-        kind: guard_figures(s.g, s.gz, s.y, s.tg, s.tgz, s.ty, s.attacker, null, s.art.rule.alpha)
+        kind: guard_figures(s.g, s.gz, s.y, s.tg, s.tgz, s.ty, s.attacker, null, alpha, s.start())
         for kind, null in null_variants(art_dir).items()
     }
 
@@ -243,20 +288,22 @@ def evaluate_attack(
     suffix: str = "",
 ) -> dict[str, Any]:
     _, strip_idx, _ = idx
-    art, engine, attack, x, tx, g, gz, y, tg, tgz, ty, attacker, guard_s = guard_logits(
-        name, art_dir, data, idx
-    )
+    logits = guard_logits(name, art_dir, data, idx)
+    art, engine, attack, x, tx, g, gz, y, tg, tgz, ty, attacker, guard_s = logits[:13]
+    start = logits.start()
     res: dict[str, Any] = {
         "undefended_clean_accuracy": float(np.mean(g.argmax(1) == y)),
         "undefended_asr": float(np.mean(tg.argmax(1) == attacker)),
         "undefended_restored": float(np.mean(tg.argmax(1) == ty)),
         "null": art.null.kind,
     }
-    res.update(guard_figures(g, gz, y, tg, tgz, ty, attacker, art.null, art.rule.alpha))
+    res.update(guard_figures(g, gz, y, tg, tgz, ty, attacker, art.null, art.rule.alpha, start))
     res["by_null"] = {
-        kind: guard_figures(g, gz, y, tg, tgz, ty, attacker, null, art.rule.alpha)
+        kind: guard_figures(g, gz, y, tg, tgz, ty, attacker, null, art.rule.alpha, start)
         for kind, null in null_variants(art_dir).items()
     }
+    if start is not None:
+        res["start_null"] = start[0].kind
     res.update(
         attack=attack.record()
         | {"trigger_shown_to_clean_model": parse_name(name)[0] not in ATTACKS},
@@ -264,13 +311,11 @@ def evaluate_attack(
         eval_triggered=len(ty),
         alpha=art.rule.alpha,
         provider=engine.providers[0],
-        guard_forward_passes_per_input=2,
+        guard_forward_passes_per_input=2 if start is None else 3,
         strip_forward_passes_per_input=1 + STRIP_BLENDS,
         guard_seconds=round(guard_s, 1),
     )
-    from guard.mmdf import statistic
-
-    d_clean, d_trig = statistic(g, gz), statistic(tg, tgz)
+    d_clean, d_trig = logits.detection_scores()
     res["auroc_guard_full"] = auroc(d_clean, d_trig)
     tpr, fpr = tpr_at_fpr(d_clean, d_trig, art.rule.alpha)
     res["guard_at_matched_fpr"] = {"tpr": tpr, "fpr": fpr}
@@ -312,8 +357,8 @@ def evaluate_mmom(
     _, strip_idx, eval_idx = idx
     keep = np.sort(np.concatenate([strip_idx, eval_idx]))
     x, y = data["x_test"][keep], data["y_test"][keep]
-    engine = GuardEngine(load_artifact(art_dir), "cpu", threads=2)
-    g, gz = batched(lambda b: engine.logits(to_float(b)), x)
+    engine = GuardEngine(load_artifact(art_dir), "cpu", threads=THREADS[0])
+    g, gz = batched(lambda b: engine.logits(to_float(b))[:2], x)
     pred, pred_z = g.argmax(1), gz.argmax(1)
     classes = np.unique(y)
     return {
@@ -589,6 +634,12 @@ def main(argv: list[str] | None = None) -> int:
         "--recalibrate", action="store_true", help="calibrate even if CACHE/eval/NAME has one"
     )
     r.add_argument("--fig-dir", type=Path, default=REPO_ROOT / "docs" / "figures")
+    r.add_argument(
+        "--threads",
+        type=int,
+        default=THREADS[0],
+        help="torch and onnxruntime threads (default %(default)s; 1 for two runs side by side)",
+    )
     n = sub.add_parser(
         "renull", help="refit every null kind on scored artifacts (updates by_null only)"
     )
@@ -628,7 +679,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     import torch
 
-    torch.set_num_threads(2)
+    THREADS[0] = max(args.threads, 1)
+    torch.set_num_threads(THREADS[0])
     run(args.names, args)
     return 0
 

@@ -48,14 +48,30 @@ class Answer:
 
 def answers(engine: Any, x: np.ndarray) -> Answer:
     """The server's decision for a batch as received (FP32 pixels or UINT8), computed here."""
-    from guard.mmdf import decide
     from guard.tensors import to_pixels
 
-    original, bounded = engine.logits(to_pixels(x))
-    artifact = engine.artifact
-    d = decide(original, bounded, artifact.null, artifact.rule)
+    d = _decide(engine, *engine.logits(to_pixels(x)))
     return Answer(
         d.label, d.flagged, d.original_label, d.bounded_label, d.statistic.astype(np.float32)
+    )
+
+
+def _decide(engine: Any, original: Any, bounded: Any, start: Any) -> Any:
+    """guard.mmdf.decide on an engine's logits, with its artifact's start detector if any."""
+    from guard.mmdf import decide
+
+    a = engine.artifact
+    return decide(original, bounded, a.null, a.rule, a.start_detector(start))
+
+
+def _chunked_logits(engine: Any, pixels: np.ndarray, size: int) -> tuple[Any, Any, Any]:
+    """The engine's (original, bounded, start or None) logits, run in batches of ``size``."""
+    runs = [engine.logits(pixels[i : i + size]) for i in range(0, len(pixels), size)]
+    original, bounded, start = (list(part) for part in zip(*runs, strict=True))
+    return (
+        np.concatenate(original),
+        np.concatenate(bounded),
+        None if start[0] is None else np.concatenate(start),
     )
 
 
@@ -68,22 +84,11 @@ def stable(engine: Any, pixels: np.ndarray, max_batch_size: int) -> np.ndarray:
     """Which inputs (FP32 pixels [N, C, H, W]) have a decision no numerical noise can flip: the
     same answer alone and inside a batch, a p-value at least P_VALUE_FACTOR from alpha and
     top-two logits at least MIN_LOGIT_GAP apart in both networks."""
-    from guard.mmdf import decide
-
-    alone = [engine.logits(pixels[i : i + 1]) for i in range(len(pixels))]
-    original = np.concatenate([o for o, _ in alone])
-    bounded = np.concatenate([b for _, b in alone])
-    together = [
-        engine.logits(pixels[i : i + max_batch_size]) for i in range(0, len(pixels), max_batch_size)
-    ]
+    alone = _chunked_logits(engine, pixels, 1)
+    original, bounded = alone[0], alone[1]
+    d1 = _decide(engine, *alone)
+    d2 = _decide(engine, *_chunked_logits(engine, pixels, max_batch_size))
     a = engine.artifact
-    d1 = decide(original, bounded, a.null, a.rule)
-    d2 = decide(
-        np.concatenate([o for o, _ in together]),
-        np.concatenate([b for _, b in together]),
-        a.null,
-        a.rule,
-    )
     same = (
         (d1.label == d2.label)
         & (d1.flagged == d2.flagged)

@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from calibrate.errors import CalibrationError
-from guard.artifact import MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, NETWORK_FILES, sha256_file
+from guard.artifact import (
+    MANIFEST_NAME,
+    MANIFEST_SCHEMA_VERSION,
+    NETWORK_FILES,
+    START_FILE,
+    START_SCHEMA_VERSION,
+    sha256_file,
+)
 
 
 def check_output(out: Path, force: bool) -> None:
@@ -60,12 +67,18 @@ def library_versions() -> dict[str, str]:
 
 
 def write_manifest(root: Path, fields: dict[str, Any]) -> Path:
-    """manifest.json = schema version + sha256 of both networks + the given fields."""
+    """manifest.json = schema version + sha256 of each network + the given fields. Schema 2 when
+    the fields carry a start detector (its network must then be in root), else 1."""
+    roles = dict(NETWORK_FILES)
+    start = "start_detector" in fields
+    if start:
+        roles[START_FILE[0]] = START_FILE[1]
     files = {}
-    for role, name in NETWORK_FILES.items():
+    for role, name in roles.items():
         path = root / name
         files[role] = {"path": name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
-    manifest = {"schema_version": MANIFEST_SCHEMA_VERSION, "files": files, **fields}
+    version = START_SCHEMA_VERSION if start else MANIFEST_SCHEMA_VERSION
+    manifest = {"schema_version": version, "files": files, **fields}
     path = root / MANIFEST_NAME
     path.write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
     return path

@@ -142,6 +142,18 @@ def _add_method_flags(p: argparse.ArgumentParser) -> None:
     )
     m.add_argument("--heldout-fraction", type=float, default=d.heldout_fraction)
     m.add_argument("--null", choices=list(NULL_KINDS), default=d.null)
+    m.add_argument(
+        "--start-detector",
+        action="store_true",
+        help="MMAC: also export the bounds of the first iteration as a second detector (a "
+        "third network per request; flags when either p-value < alpha/2)",
+    )
+    m.add_argument(
+        "--start-null",
+        choices=list(NULL_KINDS),
+        default=d.start_null,
+        help="the start detector's null (default: %(default)s)",
+    )
     m.add_argument("--alpha", type=float, default=d.alpha, help="flag when p < alpha")
     m.add_argument("--flag-on-disagreement", action="store_true")
     m.add_argument("--mmbd-starts", type=int, default=d.mmbd_starts)
@@ -170,6 +182,8 @@ def config_from_args(args: argparse.Namespace) -> CalibrationConfig:
         correct_only=not args.keep_misclassified,
         heldout_fraction=args.heldout_fraction,
         null=args.null,
+        start_detector=args.start_detector,
+        start_null=args.start_null,
         alpha=args.alpha,
         flag_on_disagreement=args.flag_on_disagreement,
         mmbd_starts=args.mmbd_starts,

@@ -144,6 +144,17 @@ class CalibrationConfig:
     # 0.005 the plain Gaussian flagged over 1% of clean inputs on five, the transformed one on
     # none (docs/RESULTS.md).
     null: NullKind = "yeojohnson"
+    # a second detection statistic: d under the bounds as MMAC's first iteration left them (each
+    # channel near its clean maximum), exported as a third network, under its own null
+    # (`start_null`); the guard flags when either p-value is below alpha / 2 (Bonferroni) and
+    # still corrects with the learned bounds. MMAC only. Off by default: a third forward pass
+    # per input. On the CIFAR-10 benchmark it took the WaNet and all-to-all triggers the
+    # learned bounds miss (full-width WaNet 23.4% -> 2.2% guarded ASR) and kept the chessboard,
+    # Blended and SIG, which the start bounds alone miss, at or under 0.15% (docs/RESULTS.md).
+    start_detector: bool = False
+    # the start statistic's null: a point mass near 0 and a long tail, which only `gpd` fitted
+    # (held-out clean FPR <= 1% on 9 of 11 benchmark models; `yeojohnson` over 1% on 10)
+    start_null: NullKind = "gpd"
     # MMDF flags inputs with p < alpha
     alpha: float = 0.005
     # also flag when the original and bounded decisions differ
@@ -172,6 +183,9 @@ class CalibrationConfig:
         _check(self.starts_per_class >= 0, "starts_per_class", self.starts_per_class)
         _check(0 < self.heldout_fraction < 1, "heldout_fraction", self.heldout_fraction)
         _check(self.null in NULL_KINDS, "null", self.null)
+        _check(self.start_null in NULL_KINDS, "start_null", self.start_null)
+        if self.start_detector and self.objective != "mmac":
+            raise CalibrationError("a start detector is for objective 'mmac', not 'mmom'")
         _check(0 < self.alpha < 1, "alpha", self.alpha)
         _check(self.mmbd_starts >= 1, "mmbd_starts", self.mmbd_starts)
         _check(self.mmbd_steps >= 1, "mmbd_steps", self.mmbd_steps)
@@ -180,3 +194,8 @@ class CalibrationConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def test_level(self) -> float:
+        """Each statistic's own flagging level: alpha, or alpha / 2 with a start detector."""
+        return self.alpha / 2 if self.start_detector else self.alpha

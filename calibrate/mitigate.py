@@ -34,6 +34,8 @@ class MitigationResult:
     # an MMAC run still below its agreement target after max_iters + overtime_iters returns the
     # bounds of the last iteration that met it: that iteration's number, else None
     bounds_from_iteration: int | None = None
+    # the bounds as the first iteration left them (the start detector's)
+    start_bounds: list[torch.Tensor] | None = None
 
 
 def _fidelity(
@@ -126,6 +128,8 @@ def learn_bounds(
             opt_x.zero_grad(set_to_none=True)
         measured = [b.detach().clone() for b in net.bounds()] if cfg.objective == "mmac" else []
         row = _descent_step(net, opt, images, reference, agree_with, x_max, k_max, lam.lam, cfg)
+        if it == 1:
+            result.start_bounds = [b.detach().clone() for b in net.bounds()]
         # MMAC is not done while the controller is still pulling agreement back to its target
         on_target = cfg.objective == "mmom" or row["agreement"] >= cfg.target_agreement
         if measured and on_target:

@@ -29,7 +29,7 @@ from calibrate.modelsrc import ModelSource, count_output_classes, load_model
 from calibrate.progress import Progress
 from calibrate.report import write_report
 from calibrate.scripted import script_to_fx
-from guard.artifact import NETWORK_FILES
+from guard.artifact import NETWORK_FILES, START_FILE
 from guard.mmdf import fit_null, gpd_min_samples, statistic, threshold
 
 
@@ -88,20 +88,24 @@ def _check_finite(logits: torch.Tensor, what: str) -> None:
 
 def _check_null_size(cfg: CalibrationConfig, n_heldout: int) -> None:
     """An empirical null's smallest p-value is 1/(n+1): refuse one that can never flag; a gpd
-    null needs enough held-out statistics for its tail."""
+    null needs enough held-out statistics for its tail. Both for each null in use."""
+    nulls = [("", "--null", cfg.null)]
+    if cfg.start_detector:
+        nulls.append(("the start detector's ", "--start-null", cfg.start_null))
     need = 2 * gpd_min_samples()  # the report's cross-fit fits one on each half
-    if cfg.null == "gpd" and n_heldout < need:
-        raise CalibrationError(
-            f"a gpd null needs at least {need} held-out images (the report's false-positive "
-            f"rate fits one on each half), got {n_heldout}; use more clean images, a larger "
-            "--heldout-fraction, or --null yeojohnson"
-        )
-    if cfg.null == "empirical" and (n_heldout + 1) * cfg.alpha <= 1:
-        raise CalibrationError(
-            f"an empirical null from {n_heldout} held-out images cannot give p < {cfg.alpha} "
-            f"(its smallest p-value is 1/{n_heldout + 1}); use more clean images, a larger "
-            "--heldout-fraction, or --null gaussian"
-        )
+    for whose, flag, kind in nulls:
+        if kind == "gpd" and n_heldout < need:
+            raise CalibrationError(
+                f"{whose or 'a '}gpd null needs at least {need} held-out images (the report's "
+                f"false-positive rate fits one on each half), got {n_heldout}; use more clean "
+                f"images, a larger --heldout-fraction, or {flag} yeojohnson"
+            )
+        if kind == "empirical" and (n_heldout + 1) * cfg.test_level <= 1:
+            raise CalibrationError(
+                f"{whose or 'an '}empirical null from {n_heldout} held-out images cannot give "
+                f"p < {cfg.test_level} (its smallest p-value is 1/{n_heldout + 1}); use more "
+                f"clean images, a larger --heldout-fraction, or {flag} gaussian"
+            )
 
 
 def _learning_set(
@@ -248,13 +252,17 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
     _check_finite(g_held, "held-out")
     gz_held = batched_logits(net, x_held, cfg.batch_size)
     stats = statistic(g_held.numpy(), gz_held.numpy())
+    null = _fit(stats, cfg.null, "")
+    start_net, start_stats, start_null, gs_held = None, None, None, None
+    if cfg.start_detector:
+        start_net = _start_network(model, x_d, net, mit)
+        gs_held = batched_logits(start_net, x_held, cfg.batch_size).numpy()
+        start_stats = statistic(g_held.numpy(), gs_held)
+        start_null = _fit(start_stats, cfg.start_null, "start detector's ")
     try:
-        null = fit_null(stats, cfg.null)
-        figures = heldout_figures(g_held.numpy(), gz_held.numpy(), held.labels, cfg)
+        figures = heldout_figures(g_held.numpy(), gz_held.numpy(), held.labels, cfg, gs_held)
     except ValueError as exc:  # e.g. every held-out statistic equal, or a tail of ties
-        raise CalibrationError(
-            f"cannot fit the {cfg.null} null on the {len(stats)} held-out statistics: {exc}"
-        ) from None
+        raise CalibrationError(f"cannot fit a null on a half of the held-out set: {exc}") from None
     timing["null"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -272,6 +280,8 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
         diffs["bounded"], fold_stats = export_verified(
             net, probe, tmp / NETWORK_FILES["bounded"], fold=True
         )
+        if start_net is not None:
+            diffs["start"] = export_verified(start_net, probe, tmp / START_FILE[1], fold=True)[0]
         timing["export"] = time.perf_counter() - t
         timing["total"] = time.perf_counter() - t0
         split = {
@@ -284,13 +294,7 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
             "learn_used": int(x_d.shape[0]),
             "learn_dropped_misclassified": dropped,
         }
-        null_info = {
-            **null.to_dict(),
-            "n": int(stats.size),
-            "alpha": cfg.alpha,
-            "threshold": _finite_or_none(threshold(null, cfg.alpha)),
-        }
-        null_info.pop("samples", None)
+        null_info = _null_info(null, stats, cfg)
         bounds = _bound_summary(net, init)
         report = {
             "schema_version": 1,
@@ -317,11 +321,67 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
             "final_lambda": mit.final_lambda,
             "timing_s": timing,
         }
+        if start_null is not None and start_stats is not None:
+            start_info = _null_info(start_null, start_stats, cfg)
+            report["start_detector"] = {
+                "null": start_info,
+                "clean_statistics": [float(v) for v in start_stats],
+                "bounds_from_iteration": 1,
+                "bounds": _bound_summary(start_net, init) if start_net is not None else [],
+            }
         manifest = _manifest_fields(job, clean, cfg, null, null_info, report, diffs)
+        if start_null is not None:
+            manifest["start_detector"] = {
+                "null": {**start_null.to_dict(), **_counts(start_info)},
+                "bounds_from_iteration": 1,
+                "combination": "p = min(1, 2 min(p_learned, p_start)); flag when p < alpha",
+            }
         manifest["onnx"]["bound_folding"] = fold_stats
         write_manifest(tmp, manifest)
         write_report(report, tmp)
     return CalibrationOutcome(job.out, report, manifest)
+
+
+def _fit(stats: np.ndarray, kind: str, whose: str) -> Any:
+    """The null of one statistic; a null that cannot be fitted stops calibration with a line."""
+    try:
+        return fit_null(stats, kind)  # type: ignore[arg-type]
+    except ValueError as exc:  # e.g. every held-out statistic equal, or a tail of ties
+        raise CalibrationError(
+            f"cannot fit the {whose}{kind} null on the {len(stats)} held-out statistics: {exc}"
+        ) from None
+
+
+def _start_network(
+    model: nn.Module, x_d: torch.Tensor, net: BoundedNetwork, mit: MitigationResult
+) -> BoundedNetwork:
+    """The network under the bounds MMAC's first iteration left (the start detector's)."""
+    if mit.start_bounds is None:
+        raise CalibrationError("the start detector needs at least one MMAC iteration")
+    start = BoundedNetwork(model, x_d[:2])
+    if start.sites != net.sites:
+        raise CalibrationError("the start network's bound sites differ from the bounded one's")
+    with torch.no_grad():
+        for bound, value in zip(start.bounds(), mit.start_bounds, strict=True):
+            bound.copy_(value)
+    return start.eval()
+
+
+def _null_info(null: Any, stats: np.ndarray, cfg: CalibrationConfig) -> dict[str, Any]:
+    """A null as the report shows it: its parameters, sample size, level and threshold on d."""
+    info = {
+        **null.to_dict(),
+        "n": int(stats.size),
+        "alpha": cfg.alpha,
+        "level": cfg.test_level,
+        "threshold": _finite_or_none(threshold(null, cfg.test_level)),
+    }
+    info.pop("samples", None)
+    return info
+
+
+def _counts(info: dict[str, Any]) -> dict[str, Any]:
+    return {"n": info["n"], "threshold": info["threshold"]}
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -371,7 +431,7 @@ def _manifest_fields(
         "class_names": list(clean.class_names),
         "objective": cfg.objective,
         "hyperparameters": cfg.to_dict(),
-        "null": {**null.to_dict(), "n": null_info["n"], "threshold": null_info["threshold"]},
+        "null": {**null.to_dict(), **_counts(null_info)},
         "alpha": cfg.alpha,
         "decision": {
             "alpha": cfg.alpha,
@@ -379,6 +439,7 @@ def _manifest_fields(
             "statistic": "d = m_c(x) - m_c(x;Z), c = argmax_k g_k(x)",
             "p_value": "gaussian: 1 - Phi((d - mu)/sigma); empirical: (1 + #{d_i >= d})/(n + 1)",
             "flag": "p < alpha"
+            + (" (p combined with the start detector's)" if cfg.start_detector else "")
             + (" or argmax g != argmax g(.;Z)" if cfg.flag_on_disagreement else ""),
             "correction": "argmax_{k != c} g_k(x;Z)",
         },

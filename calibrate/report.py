@@ -201,6 +201,7 @@ def _markdown(report: Mapping[str, Any], figures: Sequence[str]) -> str:
     lines += _md_heldout(report)
     lines += _md_split(report)
     lines += _md_null(report)
+    lines += _md_start_detector(report)
     lines += _md_classes(report)
     lines += _md_bounds(report)
     lines += _md_key_values("Configuration", report.get("config") or {}, _cell)
@@ -311,8 +312,10 @@ def _md_null(report: Mapping[str, Any]) -> list[str]:
         ["Samples (n)", _cell(null.get("n"))],
         *[[label, _num(null[key])] for key, label in _NULL_EXTRAS if key in null],
         ["alpha", _num(null.get("alpha"))],
-        ["Threshold on d", _num(null.get("threshold"))],
     ]
+    if null.get("level") not in (None, null.get("alpha")):  # a start detector shares alpha
+        rows.append(["Level (alpha / 2)", _num(null.get("level"))])
+    rows.append(["Threshold on d", _num(null.get("threshold"))])
     gamma = report.get("mmbd", {}).get("gamma") or {}
     gamma_text = ", ".join(f"{k} = {_num(v)}" for k, v in gamma.items()) or "n/a"
     return [
@@ -321,6 +324,33 @@ def _md_null(report: Mapping[str, Any]) -> list[str]:
         *_table(["Parameter", "Value"], rows),
         "",
         f"MM-BD Gamma fit on the non-maximum classes: {gamma_text}.",
+        "",
+    ]
+
+
+def _md_start_detector(report: Mapping[str, Any]) -> list[str]:
+    """The start detector's null, when the artifact has one (`--start-detector`)."""
+    start = report.get("start_detector")
+    if not start:
+        return []
+    null = start.get("null", {})
+    rows = [
+        ["Kind", _cell(null.get("kind"))],
+        ["Samples (n)", _cell(null.get("n"))],
+        *[[label, _num(null[key])] for key, label in _NULL_EXTRAS if key in null],
+        ["Level (alpha / 2)", _num(null.get("level"))],
+        ["Threshold on d", _num(null.get("threshold"))],
+    ]
+    return [
+        "## Start detector",
+        "",
+        "A second statistic, d under the bounds as MMAC's iteration "
+        f"{_cell(start.get('bounds_from_iteration'))} left them (each channel near its largest "
+        "clean activation), served as a third network. The guard flags when either statistic's "
+        "p-value is below alpha / 2 and corrects with the learned bounds; the held-out "
+        "false-positive rates above are the combined rule's.",
+        "",
+        *_table(["Parameter", "Value"], rows),
         "",
     ]
 

@@ -1,7 +1,10 @@
-"""The calibration artifact as the guard sees it: manifest.json plus two ONNX files, verified.
+"""The calibration artifact as the guard sees it: manifest.json plus two ONNX files (three with a
+start detector), verified.
 
-Calibration writes the manifest with `MANIFEST_SCHEMA_VERSION`; the guard refuses an artifact
-whose schema it does not know or whose files do not match their recorded sha256.
+Calibration writes schema 1 for the two-network artifact and schema 2 when it adds the start
+detector (`files.start` and `start_detector.null`), so a guard that only knows schema 1 refuses
+it instead of serving it without its second statistic. The guard refuses an artifact whose
+schema it does not know or whose files do not match their recorded sha256.
 """
 
 from __future__ import annotations
@@ -12,11 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from guard.mmdf import DecisionRule, Null
+import numpy as np
+
+from guard.mmdf import DecisionRule, Null, StartDetector
 
 MANIFEST_SCHEMA_VERSION = 1
+START_SCHEMA_VERSION = 2  # schema 1 plus the start detector
+SCHEMA_VERSIONS = (MANIFEST_SCHEMA_VERSION, START_SCHEMA_VERSION)
 MANIFEST_NAME = "manifest.json"
 NETWORK_FILES = {"original": "original.onnx", "bounded": "bounded.onnx"}
+START_FILE = ("start", "start.onnx")  # the start detector's network, schema 2 only
 
 
 class ArtifactError(Exception):
@@ -52,6 +60,15 @@ class Artifact:
     class_names: tuple[str, ...]
     null: Null
     rule: DecisionRule
+    # the start detector (schema 2): its network and its statistic's null, else None
+    start_path: Path | None = None
+    start_null: Null | None = None
+
+    def start_detector(self, logits: np.ndarray | None) -> StartDetector | None:
+        """The start detector on these start-bounded logits; None without one."""
+        if logits is None or self.start_null is None:
+            return None
+        return StartDetector(logits, self.start_null)
 
 
 def _require(manifest: dict[str, Any], *keys: str) -> Any:
@@ -74,13 +91,16 @@ def load_artifact(root: Path, verify_hashes: bool = True) -> Artifact:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{mpath} is not valid JSON: {exc}") from None
     version = _require(manifest, "schema_version")
-    if version != MANIFEST_SCHEMA_VERSION:
+    if version not in SCHEMA_VERSIONS:
         raise ArtifactError(
             f"manifest schema_version {version!r} is not supported "
-            f"(this guard reads {MANIFEST_SCHEMA_VERSION})"
+            f"(this guard reads {', '.join(map(str, SCHEMA_VERSIONS))})"
         )
+    roles = dict(NETWORK_FILES)
+    if version == START_SCHEMA_VERSION:
+        roles[START_FILE[0]] = START_FILE[1]
     paths = {}
-    for role, default in NETWORK_FILES.items():
+    for role, default in roles.items():
         entry = _require(manifest, "files", role)
         if not isinstance(entry, dict):
             raise ArtifactError(f"manifest.json files.{role} must be an object with path/sha256")
@@ -102,6 +122,9 @@ def load_artifact(root: Path, verify_hashes: bool = True) -> Artifact:
             accepts_uint8=bool(inp.get("accepts_uint8", False)),
         )
         null = Null.from_dict(_require(manifest, "null"))
+        start_null = None
+        if version == START_SCHEMA_VERSION:
+            start_null = Null.from_dict(_require(manifest, "start_detector", "null"))
         decision = _require(manifest, "decision")
         rule = DecisionRule(
             alpha=float(decision["alpha"]),
@@ -120,4 +143,6 @@ def load_artifact(root: Path, verify_hashes: bool = True) -> Artifact:
         class_names=tuple(str(c) for c in _require(manifest, "class_names")),
         null=null,
         rule=rule,
+        start_path=paths.get(START_FILE[0]),
+        start_null=start_null,
     )

@@ -57,7 +57,7 @@ class Engine(Protocol):
 
     providers: list[str]
 
-    def logits(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+    def logits(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]: ...
 
     def original_logits(self, x: np.ndarray) -> np.ndarray: ...
 
@@ -198,11 +198,14 @@ class DataPlane:
             "flag_on_disagreement": str(self.rule.flag_on_disagreement).lower(),
             "mode": self.config.mode,
             "null": a.null.kind,
+            "start_detector": "none" if a.start_null is None else a.start_null.kind,
             "max_batch_size": str(self.config.batching.max_batch_size),
             "provider": self.engine.providers[0],
             "model_sha256": str(a.manifest["files"]["original"]["sha256"]),
             "bounded_sha256": str(a.manifest["files"]["bounded"]["sha256"]),
         }
+        if "start" in a.manifest["files"]:
+            properties["start_sha256"] = str(a.manifest["files"]["start"]["sha256"])
         inputs = (TensorMeta(spec.name, "FP32", (-1, *spec.shape)),)
         versions = (self.config.model_version,)
         return ModelMetadata(self.model_name, versions, PLATFORM, inputs, self._outputs, properties)
@@ -252,21 +255,24 @@ class DataPlane:
         """Both networks, then MMDF, on one batch (runs on an executor thread); the original
         network alone in mode unguarded."""
         t0 = self._clock()
+        start = None
         if self.config.mode == "unguarded":
             original = bounded = self.engine.original_logits(x)
         else:
-            original, bounded = self.engine.logits(x)
+            original, bounded, start = self.engine.logits(x)
         t1 = self._clock()
         expected = (len(x), len(self.artifact.class_names))
-        if original.shape != expected or bounded.shape != expected:
+        shapes = [a.shape for a in (original, bounded, start) if a is not None]
+        if any(shape != expected for shape in shapes):
             raise InferenceFailed(
-                f"the networks returned logits of shape {original.shape} and {bounded.shape}; "
+                f"the networks returned logits of shapes {', '.join(map(str, shapes))}; "
                 f"expected {expected}"
             )
         if self.config.mode == "unguarded":
             decisions = unguarded(original)
         else:
-            decisions = decide(original, bounded, self.artifact.null, self.rule)
+            detector = self.artifact.start_detector(start)
+            decisions = decide(original, bounded, self.artifact.null, self.rule, detector)
         if observe:
             self.metrics.on_stage("inference", t1 - t0)
             self.metrics.on_stage("decision", self._clock() - t1)

@@ -1,4 +1,5 @@
-"""Both networks of an artifact in onnxruntime, and the MMDF decision over their logits."""
+"""An artifact's networks in onnxruntime (original, bounded, and the start detector's when the
+artifact has one), and the MMDF decision over their logits."""
 
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ def _session(ort: Any, path: Path, opts: Any, providers: list[str]) -> Any:
 
 
 class GuardEngine:
-    """Runs the original and the bounded network on the same batch and decides with MMDF."""
+    """Runs the original and the bounded network (and the start detector's, if any) on the same
+    batch and decides with MMDF."""
 
     def __init__(self, artifact: Artifact, device: Device = "auto", threads: int = 0) -> None:
         import onnxruntime as ort
@@ -56,14 +58,14 @@ class GuardEngine:
         opts.log_severity_level = 3
         if threads > 0:
             opts.intra_op_num_threads = threads
-        # Two sessions run back to back on the same cores: a pool left spinning after one run
+        # The sessions run back to back on the same cores: a pool left spinning after one run
         # steals the cores from the other (measured: both networks cost 2.9x one with spinning
         # on, 2.0x with it off, at batch 32 on 2 cores).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self._sessions = [
-            _session(ort, p, opts, providers)
-            for p in (artifact.original_path, artifact.bounded_path)
-        ]
+        paths = [artifact.original_path, artifact.bounded_path]
+        if artifact.start_path is not None:
+            paths.append(artifact.start_path)
+        self._sessions = [_session(ort, p, opts, providers) for p in paths]
         used = self._sessions[0].get_providers()
         if device == "cuda" and CUDA not in used:
             raise EngineError(f"CUDA requested but onnxruntime runs on {used}")
@@ -89,12 +91,12 @@ class GuardEngine:
                 x = np.concatenate([x, pad])
         return {self.artifact.input.name: x}
 
-    def logits(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Original and bounded logits for a float32 batch [N, C, H, W] in pixel space."""
+    def logits(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Original, bounded and start-bounded logits (None without a start detector) for a
+        float32 batch [N, C, H, W] in pixel space."""
         n, feed, out = len(x), self._feed(x), self.artifact.output_name
-        original = self._sessions[0].run([out], feed)[0][:n]
-        bounded = self._sessions[1].run([out], feed)[0][:n]
-        return original, bounded
+        runs = [s.run([out], feed)[0][:n] for s in self._sessions]
+        return runs[0], runs[1], runs[2] if len(runs) > 2 else None
 
     def original_logits(self, x: np.ndarray) -> np.ndarray:
         """The original network's logits alone (the unguarded baseline)."""
@@ -102,5 +104,6 @@ class GuardEngine:
         return self._sessions[0].run([self.artifact.output_name], feed)[0][:n]
 
     def decide(self, x: np.ndarray) -> Decisions:
-        original, bounded = self.logits(x)
-        return decide(original, bounded, self.artifact.null, self.artifact.rule)
+        original, bounded, start = self.logits(x)
+        a = self.artifact
+        return decide(original, bounded, a.null, a.rule, a.start_detector(start))

@@ -371,15 +371,43 @@ def best_other_class(bounded_logits: np.ndarray, c: np.ndarray) -> np.ndarray:
     return np.argmax(masked, axis=1).astype(np.int64)
 
 
+def bonferroni(*p: np.ndarray) -> np.ndarray:
+    """One p-value from several tests of the same input: min(1, m * min_i p_i). It is below
+    alpha exactly when some p_i is below alpha / m, so flagging on it keeps the nominal
+    false-positive rate at alpha whatever the tests' dependence."""
+    stacked = np.stack([np.asarray(v, dtype=np.float64) for v in p])
+    return np.minimum(1.0, len(p) * stacked.min(axis=0))
+
+
+@dataclass(frozen=True)
+class StartDetector:
+    """A second statistic for detection only: d(x) under the start bounds (each channel near its
+    clean maximum) instead of the learned ones, with its own null. Combined with the learned
+    bounds' p-value by :func:`bonferroni`; corrections still come from the learned bounds."""
+
+    logits: np.ndarray  # float [N, K]: the start-bounded network's logits
+    null: Null
+
+
 def decide(
-    original_logits: np.ndarray, bounded_logits: np.ndarray, null: Null, rule: DecisionRule
+    original_logits: np.ndarray,
+    bounded_logits: np.ndarray,
+    null: Null,
+    rule: DecisionRule,
+    start: StartDetector | None = None,
 ) -> Decisions:
     """SPEC 4.1-4.5: unflagged inputs keep the original decision and logits; flagged ones get
-    argmax_{k != c} g_k(x; Z), the bounded network's best class other than the original one."""
+    argmax_{k != c} g_k(x; Z), the bounded network's best class other than the original one.
+
+    With a start detector, p is the Bonferroni combination of the two statistics' p-values (the
+    statistic reported stays the learned bounds' d)."""
     g = np.asarray(original_logits, dtype=np.float32)
     gz = np.asarray(bounded_logits, dtype=np.float32)
     d = statistic(g, gz)
     p = p_values(null, d)
+    if start is not None:
+        d_start = statistic(g, np.asarray(start.logits, dtype=np.float32))
+        p = bonferroni(p, p_values(start.null, d_start))
     c = np.argmax(g, axis=1).astype(np.int64)
     cz = np.argmax(gz, axis=1).astype(np.int64)
     flagged = p < rule.alpha

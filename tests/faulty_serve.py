@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     logits = engine.GuardEngine.logits
     delay = args.batch_delay_s
 
-    def slow_logits(self: engine.GuardEngine, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def slow_logits(
+        self: engine.GuardEngine, x: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         time.sleep(delay)
         return logits(self, x)
 

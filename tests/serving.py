@@ -117,7 +117,7 @@ class GatedEngine:
         while self.entered.acquire(blocking=False):
             pass
 
-    def logits(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def logits(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         self.batches.append(len(x))
         self.entered.release()
         if not self.gate.wait(timeout=30):

@@ -164,7 +164,7 @@ class SlowEngine:
         self._engine = GuardEngine(artifact, device, threads)
         self.providers = self._engine.providers
 
-    def logits(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def logits(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         time.sleep(0.02)
         return self._engine.logits(x)
 

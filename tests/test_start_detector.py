@@ -1,0 +1,266 @@
+"""The start detector (`mmguard calibrate --start-detector`): a third network under the bounds
+MMAC's first iteration left, its own null, and the guard's Bonferroni combination of the two
+p-values, from calibration through the artifact to a real server answering tritonclient."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from guard.mmdf import (
+    DecisionRule,
+    Null,
+    StartDetector,
+    best_other_class,
+    bonferroni,
+    decide,
+    p_values,
+    statistic,
+)
+from tests.conftest import TINY
+from tests.helpers import run_cli
+from tests.test_cli import _assert_one_line_error, _calibrate_tiny, _nothing_written, _tiny_args
+
+# 108 held-out images (a gpd null needs 100); few MM-BD steps: the bounds' values do not matter
+SMALL = ("--heldout-fraction", "0.9", "--mmbd-steps", "10")
+
+
+def _poisoned() -> np.ndarray:
+    images = np.load(TINY / "poisoned.npz")["images"]
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2)).astype(np.float32) / 255
+
+
+def _clean() -> tuple[np.ndarray, np.ndarray]:
+    npz = np.load(TINY / "clean.npz")
+    images = np.ascontiguousarray(npz["images"].transpose(0, 3, 1, 2)).astype(np.float32) / 255
+    return images, npz["labels"]
+
+
+# --- the pure rule -------------------------------------------------------------------------
+
+
+def test_bonferroni_known_values() -> None:
+    got = bonferroni(np.array([0.001, 0.3, 0.6, 0.0]), np.array([0.5, 0.002, 0.9, 1.0]))
+    np.testing.assert_allclose(got, [0.002, 0.004, 1.0, 0.0])
+    # three tests: three times the smallest
+    np.testing.assert_allclose(
+        bonferroni(np.array([0.01]), np.array([0.2]), np.array([0.3])), [0.03]
+    )
+
+
+def _null(mu: float = 0.0, sigma: float = 1.0) -> Null:
+    return Null(kind="gaussian", mu=mu, sigma=sigma)
+
+
+def test_decide_flags_on_either_statistic_at_half_alpha_and_corrects_with_the_learned_bounds() -> (
+    None
+):
+    # three inputs, three classes; original logits all say class 0 with margin 4
+    g = np.array([[4.0, 0.0, 0.0]] * 3, dtype=np.float32)
+    # learned bounds: input 0 loses margin 3 (z = 3, p = 0.00135 < 0.0025), others nothing;
+    # their best other class is 2
+    gz = np.array([[1.0, 0.0, 0.5], [4.0, 0.0, 0.5], [4.0, 0.0, 0.5]], dtype=np.float32)
+    # start bounds: input 1 loses margin 3 (flagged by the start statistic); input 2 loses
+    # 2.7 (p = 0.0035: below alpha but not below alpha / 2, so not flagged)
+    gs = np.array([[4.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.3, 0.0, 0.0]], dtype=np.float32)
+    rule = DecisionRule(alpha=0.005)
+    d = decide(g, gz, _null(), rule, StartDetector(gs, _null()))
+    assert d.flagged.tolist() == [True, True, False]
+    expected_p = np.minimum(1, 2 * np.minimum(p_values(_null(), statistic(g, gz)),
+                                              p_values(_null(), statistic(g, gs))))  # fmt: skip
+    np.testing.assert_allclose(d.p_value, expected_p)
+    assert d.label.tolist() == [2, 2, 0]  # the learned bounds' best other class, not the start's
+    np.testing.assert_array_equal(d.statistic, statistic(g, gz))  # the learned bounds' d
+    # without the start detector input 1 passes; input 2's p is below alpha alone
+    alone = decide(g, gz, _null(), rule)
+    assert alone.flagged.tolist() == [True, False, False]
+    assert best_other_class(gz, np.zeros(3, dtype=np.int64)).tolist() == [2, 2, 2]
+
+
+# --- calibration -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def start_artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
+    out = tmp_path_factory.mktemp("start") / "art"
+    manifest, report = _calibrate_tiny(
+        out, "--start-detector", *SMALL, "--max-iters", "4", "--min-iters", "2"
+    )
+    return out, manifest, report
+
+
+@pytest.fixture(scope="module")
+def detect_artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
+    """The same calibration stopped after its first iteration: the start detector's bounds."""
+    out = tmp_path_factory.mktemp("detect") / "art"
+    manifest, report = _calibrate_tiny(out, "--schedule", "detect", *SMALL)
+    return out, manifest, report
+
+
+@pytest.mark.slow
+def test_the_artifact_carries_a_third_network_and_its_null(
+    start_artifact: tuple[Path, dict, dict],
+) -> None:
+    from guard.artifact import START_SCHEMA_VERSION, load_artifact, sha256_file
+
+    out, manifest, report = start_artifact
+    assert manifest["schema_version"] == START_SCHEMA_VERSION
+    entry = manifest["files"]["start"]
+    assert entry["path"] == "start.onnx" and entry["sha256"] == sha256_file(out / "start.onnx")
+    assert manifest["hyperparameters"]["start_detector"] is True
+    assert manifest["start_detector"]["null"]["kind"] == "gpd"
+    assert manifest["start_detector"]["null"]["n"] == 108
+    assert report["iterations"] >= 2  # the learned bounds went on past the start bounds
+    start = report["start_detector"]
+    assert len(start["clean_statistics"]) == 108 and start["null"]["level"] == 0.0025
+    assert report["null"]["level"] == 0.0025  # each statistic is tested at alpha / 2
+    assert (
+        "max_abs_logit_diff" in manifest["onnx"]
+        and "start" in manifest["onnx"]["max_abs_logit_diff"]
+    )
+    art = load_artifact(out)
+    assert art.start_path == out / "start.onnx" and art.start_null is not None
+    assert art.start_null.kind == "gpd"
+    md = (out / "report.md").read_text()
+    assert "## Start detector" in md and "0.0025" in md
+
+
+@pytest.mark.slow
+def test_the_start_bounds_are_the_first_iterations_bounds(
+    start_artifact: tuple[Path, dict, dict], detect_artifact: tuple[Path, dict, dict]
+) -> None:
+    """The start detector is `--schedule detect`'s bounded network, from the same calibration:
+    the same bounds, and the same logits from its ONNX file."""
+    import onnxruntime as ort
+
+    out, _, report = start_artifact
+    d_out, _, d_report = detect_artifact
+    start_values = [row["values"] for row in report["start_detector"]["bounds"]]
+    assert start_values == [row["values"] for row in d_report["bounds"]]
+    assert start_values != [row["values"] for row in report["bounds"]]  # learned ones moved on
+    x = np.concatenate([_poisoned(), _clean()[0][:16]])
+    ours = ort.InferenceSession(str(out / "start.onnx"), providers=["CPUExecutionProvider"])
+    theirs = ort.InferenceSession(str(d_out / "bounded.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(
+        ours.run(None, {"input": x})[0], theirs.run(None, {"input": x})[0], rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.slow
+def test_the_guard_combines_both_p_values(start_artifact: tuple[Path, dict, dict]) -> None:
+    from guard.artifact import load_artifact
+    from guard.engine import GuardEngine
+
+    out, _, _ = start_artifact
+    art = load_artifact(out)
+    engine = GuardEngine(art, "cpu", threads=1)
+    x = np.concatenate([_poisoned(), _clean()[0]])
+    g, gz, gs = engine.logits(x)
+    assert gs is not None and art.start_null is not None
+    p_learned = p_values(art.null, statistic(g, gz))
+    p_start = p_values(art.start_null, statistic(g, gs))
+    d = engine.decide(x)
+    np.testing.assert_allclose(d.p_value, np.minimum(1, 2 * np.minimum(p_learned, p_start)))
+    flagged = (p_learned < art.rule.alpha / 2) | (p_start < art.rule.alpha / 2)
+    assert d.flagged.tolist() == flagged.tolist()
+    assert d.flagged.any() and not d.flagged.all()  # both outcomes occur on these inputs
+
+
+@pytest.mark.slow
+def test_a_real_server_serves_the_three_network_artifact(
+    start_artifact: tuple[Path, dict, dict],
+) -> None:
+    import grpc
+    import tritonclient.grpc as tc
+
+    from guard._proto import grpc_predict_v2_pb2 as pb
+    from guard._proto import grpc_predict_v2_pb2_grpc as pb_grpc
+    from guard.artifact import load_artifact
+    from guard.engine import GuardEngine
+    from tests.serving import running, serve_config
+
+    out, manifest, _ = start_artifact
+    x = np.concatenate([_poisoned()[:4], _clean()[0][:4]])
+    expected = GuardEngine(load_artifact(out), "cpu", threads=1).decide(x)
+    assert expected.flagged.any() and not expected.flagged.all()
+    with running(serve_config(out)) as srv:
+        # the metadata's properties (field 6) are in the published protocol, not in Triton's
+        channel = grpc.insecure_channel(srv.url)
+        try:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            md = stub.ModelMetadata(pb.ModelMetadataRequest(name="art"), timeout=30)
+        finally:
+            channel.close()
+        assert md.properties["start_detector"] == "gpd"
+        assert md.properties["start_sha256"] == manifest["files"]["start"]["sha256"]
+        client = tc.InferenceServerClient(srv.url)
+        try:
+            inp = tc.InferInput("input", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            res = client.infer("art", [inp], client_timeout=30)
+        finally:
+            client.close()
+    assert res.as_numpy("flagged").tolist() == expected.flagged.tolist()
+    assert res.as_numpy("label").tolist() == expected.label.tolist()
+    np.testing.assert_allclose(res.as_numpy("p_value"), expected.p_value, rtol=1e-5, atol=1e-12)
+
+
+# --- refusals -----------------------------------------------------------------------------
+
+
+def test_start_detector_refuses_mmom(tmp_path: Path) -> None:
+    out = tmp_path / "art"
+    code, _, err = run_cli(_tiny_args(out, "--start-detector", "--objective", "mmom"))
+    _assert_one_line_error(code, err, "start detector", "mmom")
+    _nothing_written(tmp_path, out)
+
+
+def test_start_detector_needs_enough_heldout_images_for_its_null(tmp_path: Path) -> None:
+    out = tmp_path / "art"
+    code, _, err = run_cli(_tiny_args(out, "--start-detector"))
+    _assert_one_line_error(code, err, "start detector's gpd null", "48", "--start-null")
+    _nothing_written(tmp_path, out)
+
+
+# --- the artifact's checks ----------------------------------------------------------------
+
+
+@pytest.fixture()
+def start_copy(start_artifact: tuple[Path, dict, dict], tmp_path: Path) -> Iterator[Path]:
+    copy = tmp_path / "copy"
+    shutil.copytree(start_artifact[0], copy)
+    yield copy
+
+
+def _edit(root: Path, edit: object) -> None:
+    path = root / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)  # type: ignore[operator]
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.slow
+def test_a_tampered_start_network_is_refused(start_copy: Path) -> None:
+    from guard.artifact import ArtifactError, load_artifact
+
+    with (start_copy / "start.onnx").open("ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ArtifactError, match=r"start\.onnx does not match the sha256"):
+        load_artifact(start_copy)
+
+
+@pytest.mark.slow
+def test_schema_2_without_its_start_parts_is_refused(start_copy: Path) -> None:
+    from guard.artifact import ArtifactError, load_artifact
+
+    _edit(start_copy, lambda m: m.pop("start_detector"))
+    with pytest.raises(ArtifactError, match=r"start_detector\.null"):
+        load_artifact(start_copy)
+    _edit(start_copy, lambda m: m["files"].pop("start"))
+    with pytest.raises(ArtifactError, match=r"files\.start"):
+        load_artifact(start_copy)
