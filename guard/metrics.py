@@ -90,8 +90,17 @@ class GuardMetrics:
         self._decisions(registry, null)
         self.build_info = Gauge(
             "guard_build_info",
-            "Always 1: server version, onnxruntime provider in use, model",
-            ["version", "provider", "model", "model_sha256", "bounded_sha256", "mode"],
+            "Always 1: server version, onnxruntime provider in use, model (start_sha256 is empty "
+            "without a start detector)",
+            [
+                "version",
+                "provider",
+                "model",
+                "model_sha256",
+                "bounded_sha256",
+                "start_sha256",
+                "mode",
+            ],
             registry=registry,
         )
 

@@ -219,6 +219,7 @@ def _build_metrics(
         model=config.model_name or artifact.name,
         model_sha256=str(files["original"]["sha256"]),
         bounded_sha256=str(files["bounded"]["sha256"]),
+        start_sha256=str(files["start"]["sha256"]) if "start" in files else "",
         mode=config.mode,
     )
     return metrics

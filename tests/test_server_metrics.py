@@ -82,6 +82,7 @@ def test_metric_values_after_known_traffic(
     assert info.labels["model"] == MODEL and info.labels["mode"] == "enforce"
     assert info.labels["model_sha256"] == files["original"]["sha256"]
     assert info.labels["bounded_sha256"] == files["bounded"]["sha256"]
+    assert info.labels["start_sha256"] == ""  # no start detector in this artifact
     assert info.labels["version"]
 
 

@@ -189,6 +189,8 @@ def test_a_real_server_serves_the_three_network_artifact(
     expected = GuardEngine(load_artifact(out), "cpu", threads=1).decide(x)
     assert expected.flagged.any() and not expected.flagged.all()
     with running(serve_config(out)) as srv:
+        info = next(m for m in srv.registry.collect() if m.name == "guard_build_info").samples[0]
+        assert info.labels["start_sha256"] == manifest["files"]["start"]["sha256"]
         # the metadata's properties (field 6) are in the published protocol, not in Triton's
         channel = grpc.insecure_channel(srv.url)
         try:
