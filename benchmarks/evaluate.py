@@ -302,8 +302,14 @@ def evaluate_attack(
         kind: guard_figures(g, gz, y, tg, tgz, ty, attacker, null, art.rule.alpha, start)
         for kind, null in null_variants(art_dir).items()
     }
-    if start is not None:
+    if start is not None:  # the same artifact as the two-network guard, for comparison
+        from guard.mmdf import statistic
+
         res["start_null"] = start[0].kind
+        res["without_start_detector"] = {
+            **guard_figures(g, gz, y, tg, tgz, ty, attacker, art.null, art.rule.alpha),
+            "auroc_full": auroc(statistic(g, gz), statistic(tg, tgz)),
+        }
     res.update(
         attack=attack.record()
         | {"trigger_shown_to_clean_model": parse_name(name)[0] not in ATTACKS},

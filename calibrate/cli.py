@@ -172,6 +172,11 @@ def config_from_args(args: argparse.Namespace) -> CalibrationConfig:
     if args.bound_lr_absolute:
         overrides["bound_lr_relative"] = False
     schedule = dataclasses.replace(schedule, **overrides)
+    if args.start_detector and schedule.max_iters + schedule.overtime_iters <= 1:
+        raise CalibrationError(
+            "--start-detector needs more than one MMAC iteration: with one, the start and the "
+            "learned bounds are the same (drop --start-detector or raise --max-iters)"
+        )
     return CalibrationConfig(
         objective=args.objective,
         schedule=schedule,

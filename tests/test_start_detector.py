@@ -222,6 +222,13 @@ def test_start_detector_refuses_mmom(tmp_path: Path) -> None:
     _nothing_written(tmp_path, out)
 
 
+def test_start_detector_refuses_a_single_iteration(tmp_path: Path) -> None:
+    out = tmp_path / "art"
+    code, _, err = run_cli(_tiny_args(out, "--start-detector", "--schedule", "detect", *SMALL))
+    _assert_one_line_error(code, err, "--start-detector", "one MMAC iteration")
+    _nothing_written(tmp_path, out)
+
+
 def test_start_detector_needs_enough_heldout_images_for_its_null(tmp_path: Path) -> None:
     out = tmp_path / "art"
     code, _, err = run_cli(_tiny_args(out, "--start-detector"))
