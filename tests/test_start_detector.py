@@ -273,3 +273,27 @@ def test_schema_2_without_its_start_parts_is_refused(start_copy: Path) -> None:
     _edit(start_copy, lambda m: m["files"].pop("start"))
     with pytest.raises(ArtifactError, match=r"files\.start"):
         load_artifact(start_copy)
+
+
+def test_the_reports_false_positive_rate_is_the_combined_rules() -> None:
+    """heldout_figures with the start detector's logits counts its flags too (cross-fitted)."""
+    from calibrate.config import CalibrationConfig
+    from calibrate.evaluation import cross_fitted_decisions, heldout_figures
+
+    rng = np.random.default_rng(0)
+    n, k = 400, 3
+    g = np.zeros((n, k), dtype=np.float32)
+    g[:, 0] = 5.0  # every image: class 0, margin 5
+    gz = g.copy()
+    gz[:, 0] -= rng.normal(1.0, 0.1, n).astype(np.float32)  # learned bounds: d ~ N(1, 0.1)
+    gs = g.copy()
+    gs[:, 0] -= rng.normal(1.0, 0.1, n).astype(np.float32)
+    gs[:8, 0] -= 3.0  # eight images whose start statistic is 30 sigma out
+    y = np.zeros(n, dtype=np.int64)
+    cfg = CalibrationConfig(null="gaussian", start_null="gaussian", start_detector=True)
+    _, flagged = cross_fitted_decisions(g, gz, cfg, False, gs)
+    _, flagged_alone = cross_fitted_decisions(g, gz, cfg, False)
+    assert flagged[:8].all() and not flagged_alone[:8].any()
+    both = heldout_figures(g, gz, y, cfg, gs)
+    assert both["false_positive_rate"] == flagged.mean() >= 8 / n
+    assert heldout_figures(g, gz, y, cfg)["false_positive_rate"] == flagged_alone.mean()
