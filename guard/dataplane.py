@@ -252,8 +252,8 @@ class DataPlane:
         return split_scored(scored, [len(part) for part in xs])
 
     def _score(self, x: np.ndarray, observe: bool = True) -> Scored:
-        """Both networks, then MMDF, on one batch (runs on an executor thread); the original
-        network alone in mode unguarded."""
+        """The artifact's networks (two, or three with a start detector), then MMDF, on one
+        batch (runs on an executor thread); the original network alone in mode unguarded."""
         t0 = self._clock()
         start = None
         if self.config.mode == "unguarded":
