@@ -18,7 +18,8 @@ with the guard's own decision code (``guard.mmdf.decide``):
 
 - clean accuracy and attack success rate, undefended and guarded; triggered inputs restored to
   their true class; detection TPR and clean FPR; each with the disagreement rule off and on;
-- AUROC of the MMDF statistic (clean vs triggered) and of STRIP's entropy on the same 1000 clean
+- AUROC of the MMDF statistic (clean vs triggered; with a start detector, of -log of the smaller
+  of its two p-values) and of STRIP's entropy on the same 1000 clean
   and 1000 triggered evaluation images; STRIP flags at the threshold that gives the same nominal
   FPR (the manifest's alpha) on the STRIP split, never on the images it is scored on;
 - the guard's TPR at a matched FPR: the MMDF statistic thresholded at the evaluation set's own
