@@ -27,7 +27,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -44,16 +43,8 @@ from benchmarks.train_models import model_name
 PAIRS = (("yeojohnson", "gpd"), ("gpd", "gpd"), ("yeojohnson", "yeojohnson"))
 
 
-def corrected_labels(g: np.ndarray, gz: np.ndarray, flagged: np.ndarray) -> np.ndarray:
-    """The original decision, or for a flagged input the bounded network's best other class."""
-    from guard.mmdf import best_other_class
-
-    c = g.argmax(axis=1)
-    return np.where(flagged, best_other_class(gz, c), c)
-
-
 def combine(name: str, cache_dir: Path, data: dict[str, np.ndarray], variant: str) -> list[dict]:
-    from guard.mmdf import p_values, statistic
+    from guard.mmdf import statistic
 
     idx = split_test(data["y_test"])
     base = cache_dir / "eval" / name
@@ -80,22 +71,10 @@ def combine(name: str, cache_dir: Path, data: dict[str, np.ndarray], variant: st
                  "null_start": kind if which == "start" else "-",
                  **figs, "matched_tpr": tpr, "auroc": auroc(d_clean, d_trig)}
             )  # fmt: skip
-    for kind_l, kind_s in PAIRS:
-        out: dict[str, Any] = {"null_learned": kind_l, "null_start": kind_s}
-        for tag, (gg, gl, gs) in (("clean", (g, gz_l, gz_s)), ("triggered", (tg, tgz_l, tgz_s))):
-            p_l = p_values(nulls_l[kind_l], statistic(gg, gl))
-            p_s = p_values(nulls_s[kind_s], statistic(gg, gs))
-            flagged = (p_l < alpha / 2) | (p_s < alpha / 2)
-            out[tag] = (flagged, corrected_labels(gg, gl, flagged))
-        (fc, lc), (ft, lt) = out.pop("clean"), out.pop("triggered")
-        out |= {
-            "fpr": float(fc.mean()),
-            "clean_accuracy": float(np.mean(lc == y)),
-            "tpr": float(ft.mean()),
-            "asr": float(np.mean(lt == attacker)),
-            "restored": float(np.mean(lt == ty)),
-        }
-        rows.append(out)
+    for kind_l, kind_s in PAIRS:  # both together: guard.mmdf.decide with a start detector
+        start_s = (nulls_s[kind_s], gz_s, tgz_s)
+        figs = guard_figures(g, gz_l, y, tg, tgz_l, ty, attacker, nulls_l[kind_l], alpha, start_s)
+        rows.append({"null_learned": kind_l, "null_start": kind_s, **figs["p"]})
     out_path = base / f"combined-{variant}.json"
     out_path.write_text(json.dumps({"variant": variant, "rows": rows}, indent=2))
     return rows

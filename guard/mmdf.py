@@ -371,6 +371,12 @@ def best_other_class(bounded_logits: np.ndarray, c: np.ndarray) -> np.ndarray:
     return np.argmax(masked, axis=1).astype(np.int64)
 
 
+def guarded_labels(c: np.ndarray, bounded_logits: np.ndarray, flagged: np.ndarray) -> np.ndarray:
+    """The guarded decision: the original one (c), or for a flagged input the bounded network's
+    best class other than c (SPEC 4.5)."""
+    return np.where(flagged, best_other_class(bounded_logits, c), c)
+
+
 def bonferroni(*p: np.ndarray) -> np.ndarray:
     """One p-value from several tests of the same input: min(1, m * min_i p_i). It is below
     alpha exactly when some p_i is below alpha / m, so flagging on it keeps the nominal
@@ -413,6 +419,6 @@ def decide(
     flagged = p < rule.alpha
     if rule.flag_on_disagreement:
         flagged |= c != cz
-    label = np.where(flagged, best_other_class(gz, c), c)
+    label = guarded_labels(c, gz, flagged)
     logits = np.where(flagged[:, None], gz, g).astype(np.float32)
     return Decisions(label, flagged, p, d, c, cz, logits)

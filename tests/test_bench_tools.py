@@ -69,11 +69,11 @@ def test_bare_server_answers_stock_tritonclient_with_the_guards_outputs(tmp_path
     assert bare.proc.returncode == 0  # SIGTERM ends it cleanly
 
 
-def test_combine_corrects_only_flagged_inputs_to_the_bounded_best_other_class() -> None:
-    from benchmarks.combine import corrected_labels
+def test_guard_corrects_only_flagged_inputs_to_the_bounded_best_other_class() -> None:
+    from guard.mmdf import guarded_labels
 
     g = np.array([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0], [0.0, 0.0, 5.0]])
     gz = np.array([[9.0, 1.0, 2.0], [0.0, 2.0, 1.0], [4.0, 3.0, 8.0]])
     flagged = np.array([True, False, True])
     # row 0: original 0, bounded best other than 0 is 2; row 1 unflagged keeps 1; row 2: 0
-    np.testing.assert_array_equal(corrected_labels(g, gz, flagged), [2, 1, 0])
+    np.testing.assert_array_equal(guarded_labels(g.argmax(axis=1), gz, flagged), [2, 1, 0])
