@@ -112,10 +112,11 @@ def calibrate(
 
 
 def batched(fn: Any, x: np.ndarray, bs: int = 500) -> Any:
-    """Apply ``fn`` (returning an array or a tuple of arrays) in chunks and concatenate."""
+    """Apply ``fn`` (returning an array or a tuple of arrays, where an entry may be None, as
+    the engine's start logits without a start detector) in chunks and concatenate."""
     parts = [fn(x[i : i + bs]) for i in range(0, len(x), bs)]
     if isinstance(parts[0], tuple):
-        return tuple(np.concatenate(p) for p in zip(*parts, strict=True))
+        return tuple(None if p[0] is None else np.concatenate(p) for p in zip(*parts, strict=True))
     return np.concatenate(parts)
 
 
@@ -253,15 +254,10 @@ def guard_logits(
     mask = attack.eval_mask(y)
     tx, ty = attack.trigger(x[mask]), y[mask]
     attacker = attack.attacker_labels(ty)
-
-    def forward(b: np.ndarray) -> tuple[np.ndarray, ...]:
-        return tuple(v for v in engine.logits(to_float(b)) if v is not None)
-
     t = time.perf_counter()
-    clean, trig = batched(forward, x), batched(forward, tx)
+    g, gz, gs = batched(lambda b: engine.logits(to_float(b)), x)
+    tg, tgz, tgs = batched(lambda b: engine.logits(to_float(b)), tx)
     seconds = time.perf_counter() - t
-    g, gz, gs = (*clean, None)[:3]
-    tg, tgz, tgs = (*trig, None)[:3]
     return GuardLogits(
         art, engine, attack, x, tx, g, gz, y, tg, tgz, ty, attacker, seconds, gs, tgs
     )
@@ -365,7 +361,7 @@ def evaluate_mmom(
     keep = np.sort(np.concatenate([strip_idx, eval_idx]))
     x, y = data["x_test"][keep], data["y_test"][keep]
     engine = GuardEngine(load_artifact(art_dir), "cpu", threads=THREADS[0])
-    g, gz = batched(lambda b: engine.logits(to_float(b))[:2], x)
+    g, gz, _ = batched(lambda b: engine.logits(to_float(b)), x)
     pred, pred_z = g.argmax(1), gz.argmax(1)
     classes = np.unique(y)
     return {
