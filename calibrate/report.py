@@ -302,9 +302,8 @@ _NULL_EXTRAS = (
 )
 
 
-def _md_null(report: Mapping[str, Any]) -> list[str]:
-    """The null distribution of the detection statistic and the resulting threshold."""
-    null = report.get("null", {})
+def _null_rows(null: Mapping[str, Any]) -> list[list[str]]:
+    """A fitted null as the report shows it: parameters, sample size, level, threshold on d."""
     rows = [
         ["Kind", _cell(null.get("kind"))],
         ["mu", _num(null.get("mu"))],
@@ -316,6 +315,12 @@ def _md_null(report: Mapping[str, Any]) -> list[str]:
     if null.get("level") not in (None, null.get("alpha")):  # a start detector shares alpha
         rows.append(["Level (alpha / 2)", _num(null.get("level"))])
     rows.append(["Threshold on d", _num(null.get("threshold"))])
+    return rows
+
+
+def _md_null(report: Mapping[str, Any]) -> list[str]:
+    """The null distribution of the detection statistic and the resulting threshold."""
+    rows = _null_rows(report.get("null", {}))
     gamma = report.get("mmbd", {}).get("gamma") or {}
     gamma_text = ", ".join(f"{k} = {_num(v)}" for k, v in gamma.items()) or "n/a"
     return [
@@ -333,14 +338,7 @@ def _md_start_detector(report: Mapping[str, Any]) -> list[str]:
     start = report.get("start_detector")
     if not start:
         return []
-    null = start.get("null", {})
-    rows = [
-        ["Kind", _cell(null.get("kind"))],
-        ["Samples (n)", _cell(null.get("n"))],
-        *[[label, _num(null[key])] for key, label in _NULL_EXTRAS if key in null],
-        ["Level (alpha / 2)", _num(null.get("level"))],
-        ["Threshold on d", _num(null.get("threshold"))],
-    ]
+    rows = _null_rows(start.get("null", {}))
     return [
         "## Start detector",
         "",
