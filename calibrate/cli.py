@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -198,17 +199,34 @@ def config_from_args(args: argparse.Namespace) -> CalibrationConfig:
     )
 
 
+def set_up_torch_threads(threads: int) -> None:
+    """Threads for a calibrate or demo command's torch work: ``threads`` (0 keeps torch's default,
+    one per core), and OpenMP threads that sleep while they wait.
+
+    By default torch's OpenMP threads spin for a while before they sleep. On a machine where
+    another process holds a core, a spinning thread takes time the thread doing the work needs:
+    with one other busy process on 2 cores, ``benchmarks/contention.py`` measured a shortened
+    demo calibration 1.49 times slower with OpenMP's default than with PASSIVE, and 0.97 times
+    on an idle machine. So unless the user has set ``OMP_WAIT_POLICY``, it is set to PASSIVE
+    here. OpenMP reads it once, when torch is first imported; if torch is already imported it is
+    left alone (and a user's GOMP_SPINCOUNT overrides either).
+    """
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def run(args: argparse.Namespace) -> int:
     """Returns the exit status; bad input is one line on stderr and status 2."""
     try:
         cfg = config_from_args(args)
+        set_up_torch_threads(args.threads)  # before torch is imported
         from calibrate.modelsrc import ModelSource
         from calibrate.pipeline import CalibrationJob, run_calibration
 
-        if args.threads > 0:
-            import torch
-
-            torch.set_num_threads(args.threads)
         job = CalibrationJob(
             model=ModelSource(
                 arch=args.arch,

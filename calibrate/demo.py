@@ -55,7 +55,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from calibrate.cli import summary
+    from calibrate.cli import set_up_torch_threads, summary
+
+    set_up_torch_threads(args.threads)  # before torch is imported
     from calibrate.config import CalibrationConfig
     from calibrate.modelsrc import ModelSource
     from calibrate.pipeline import CalibrationJob, run_calibration
@@ -65,10 +67,6 @@ def _run(args: argparse.Namespace) -> int:
     if not meta_path.is_file():
         raise CalibrationError(f"{meta_path} is missing: not an example directory")
     meta = json.loads(meta_path.read_text())
-    if args.threads > 0:
-        import torch
-
-        torch.set_num_threads(args.threads)
     print(
         f"[1/4] calibrating {meta['description']} (MM-BD ascent shortened to "
         f"{DEMO_MMBD_STEPS} steps for the demo; `mmguard calibrate` runs 300) ...",

@@ -332,3 +332,48 @@ def test_summary_says_when_the_run_fell_back_to_earlier_bounds(tmp_path: Path) -
     assert "after 120 iterations; these are the bounds of iteration 75" in text
     report["bounds_from_iteration"] = None
     assert "bounds of iteration" not in summary(report, tmp_path)
+
+
+# Runs `mmguard` in a fresh interpreter and prints its exit code and the OMP_WAIT_POLICY that
+# was in the environment at the moment torch was first imported (OpenMP reads it then).
+_POLICY_PROBE = """
+import os, sys
+seen = []
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and not seen:
+            seen.append(os.environ.get("OMP_WAIT_POLICY"))
+sys.meta_path.insert(0, Watch())
+from guard.cli import main
+code = main(sys.argv[1:])
+print(code, seen)
+"""
+
+
+@pytest.mark.parametrize("command", ["calibrate", "demo"])
+@pytest.mark.parametrize(("preset", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_openmp_threads_sleep_unless_the_user_chose(
+    tmp_path: Path, command: str, preset: str | None, expected: str
+) -> None:
+    """torch's OpenMP threads are told to sleep, not spin, while they wait (a spinning thread
+    slows calibration when another process holds a core); a user's own OMP_WAIT_POLICY wins."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset is not None:
+        env["OMP_WAIT_POLICY"] = preset
+    if command == "calibrate":  # fails after torch is imported: the weights file is missing
+        argv = _tiny_args(tmp_path / "out", "--weights", str(tmp_path / "missing.pt"))
+    else:  # fails after torch is imported: not an example directory
+        argv = ["demo", "--example", str(tmp_path), "--out", str(tmp_path / "out")]
+    proc = subprocess.run(
+        [sys.executable, "-c", _POLICY_PROBE, *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+        timeout=120,
+    )
+    assert proc.stdout.split() == ["2", f"['{expected}']"], proc.stdout + proc.stderr
