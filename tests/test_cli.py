@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -357,14 +360,10 @@ def test_openmp_threads_sleep_unless_the_user_chose(
 ) -> None:
     """torch's OpenMP threads are told to sleep, not spin, while they wait (a spinning thread
     slows calibration when another process holds a core); a user's own OMP_WAIT_POLICY wins."""
-    import os
-    import subprocess
-    import sys
-
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     if preset is not None:
         env["OMP_WAIT_POLICY"] = preset
-    if command == "calibrate":  # fails after torch is imported: the weights file is missing
+    if command == "calibrate":  # fails after torch is imported: the (last) weights file is missing
         argv = _tiny_args(tmp_path / "out", "--weights", str(tmp_path / "missing.pt"))
     else:  # fails after torch is imported: not an example directory
         argv = ["demo", "--example", str(tmp_path), "--out", str(tmp_path / "out")]
