@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from benchmarks.attacks import badnets
+from benchmarks.attacks import Attack, badnets, wanet_grid
 from calibrate.cifar_resnet import DEFAULT_WIDTH, CifarResNet18, cifar_resnet18
 
 DEFAULT_TARGET = 0
@@ -218,6 +218,67 @@ def _poison_batch(
     return _nchw(xn).to(x.device), torch.from_numpy(np.asarray(yn, dtype=np.int64)).to(y.device)
 
 
+def warp_tensor(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """:func:`benchmarks.attacks.warp` on a uint8 NCHW tensor, on its own device: the same
+    bilinear sampling and border handling in float64, so the two agree exactly. ``grid`` is
+    (h, w, 2) or (n, h, w, 2), float64, x then y in [-1, 1]."""
+    n, _, h, w = x.shape
+    xf = x.permute(0, 2, 3, 1).to(torch.float64)
+    g = grid.to(device=x.device, dtype=torch.float64).expand(n, h, w, 2)
+    px = (g[..., 0] + 1.0) * 0.5 * (w - 1)
+    py = (g[..., 1] + 1.0) * 0.5 * (h - 1)
+    x0 = px.floor().long().clamp(0, w - 1)
+    y0 = py.floor().long().clamp(0, h - 1)
+    x1, y1 = (x0 + 1).clamp(max=w - 1), (y0 + 1).clamp(max=h - 1)
+    wx, wy = (px - x0)[..., None], (py - y0)[..., None]
+    b = torch.arange(n, device=x.device)[:, None, None]
+    top = xf[b, y0, x0] * (1 - wx) + xf[b, y0, x1] * wx
+    bottom = xf[b, y1, x0] * (1 - wx) + xf[b, y1, x1] * wx
+    out = (top * (1 - wy) + bottom * wy).round().clamp(0, 255).to(torch.uint8)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+class WanetBatchPoisoner:
+    """WaNet's per-batch poisoning (:func:`benchmarks.attacks.wanet_batch`: the first ``rate``
+    of each batch warped and sent to the target, the next ``cross_ratio`` times as many given
+    the noise-mode warp) on torch tensors, on the batch's own device. On a GPU the NumPy
+    poisoner's round trip through the host costs more than the training step itself. Its
+    random offsets are drawn from the training generator, so a run's draws differ from the
+    NumPy poisoner's, as a run on another device's do."""
+
+    def __init__(self, attack: Attack) -> None:
+        if attack.per_batch is None:
+            raise ValueError(f"attack {attack.name!r} poisons the stored images, not each batch")
+        self.rate, self.target = attack.rate, attack.target
+        self.cross_ratio = float(attack.settings["cross_ratio"])
+        self.k, self.s = int(attack.settings["k"]), float(attack.settings["s"])
+        self._grids: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def grid(self, h: int, device: torch.device) -> torch.Tensor:
+        """The trigger's sampling grid for h x h images, on ``device`` (made once)."""
+        if (h, device) not in self._grids:
+            self._grids[h, device] = torch.from_numpy(wanet_grid(h, self.k, self.s)).to(device)
+        return self._grids[h, device]
+
+    def __call__(
+        self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n, h = len(y), x.shape[-2]
+        n_bd = int(n * self.rate)
+        n_cross = min(int(n_bd * self.cross_ratio), n - n_bd)
+        grid = self.grid(h, x.device)
+        x_out, y_out = x.clone(), y.clone()
+        x_out[:n_bd] = warp_tensor(x[:n_bd], grid)
+        y_out[:n_bd] = self.target
+        if n_cross:
+            offsets = torch.rand(
+                (n_cross, h, h, 2), generator=gen, device=gen.device, dtype=torch.float64
+            )
+            noisy = (grid + (offsets.to(x.device) * 2 - 1) / h).clamp(-1.0, 1.0)
+            x_out[n_bd : n_bd + n_cross] = warp_tensor(x[n_bd : n_bd + n_cross], noisy)
+        return x_out, y_out
+
+
 def _nchw(x_uint8_nhwc: np.ndarray) -> torch.Tensor:
     """uint8 NHWC numpy -> contiguous uint8 NCHW tensor (kept uint8 to save memory)."""
     return torch.from_numpy(np.ascontiguousarray(x_uint8_nhwc.transpose(0, 3, 1, 2)))
@@ -256,7 +317,7 @@ def _train_epoch(
     max_batches: int | None = None,
     bf16: bool = False,
     late: LateTrigger | None = None,
-    poisoner: BatchPoisoner | None = None,
+    poisoner: BatchPoisoner | WanetBatchPoisoner | None = None,
 ) -> float:
     """One pass over a shuffled training set (on ``xs``'s device); returns the mean loss.
 
@@ -274,7 +335,9 @@ def _train_epoch(
             break
         idx = order[start : start + BATCH_SIZE]
         batch, labels = xs[idx], ys[idx]
-        if poisoner is not None:
+        if isinstance(poisoner, WanetBatchPoisoner):
+            batch, labels = poisoner(batch, labels, gen)
+        elif poisoner is not None:
             batch, labels = _poison_batch(batch, labels, poisoner, gen)
         inputs = _augment(_to_float(batch), gen)
         if late is not None:
@@ -306,13 +369,14 @@ def fit(
     late: LateTrigger | None = None,
     checkpoint: Path | None = None,
     device: str = "cpu",
-    poisoner: BatchPoisoner | None = None,
+    poisoner: BatchPoisoner | WanetBatchPoisoner | None = None,
 ) -> tuple[CifarResNet18, float]:
     """Train a CIFAR ResNet-18 on (already poisoned) uint8 images; returns (model, seconds).
 
     ``late`` names training images whose trigger is added after augmentation, each time they are
     drawn (see :class:`benchmarks.attacks.Poisoned`). ``poisoner`` poisons each batch before
-    augmentation (see :attr:`benchmarks.attacks.Attack.per_batch`).
+    augmentation (see :attr:`benchmarks.attacks.Attack.per_batch`): a NumPy ``BatchPoisoner``,
+    or a :class:`WanetBatchPoisoner` that works on the device.
 
     With ``checkpoint`` the model, optimiser, schedule and shuffling state are written there after
     every epoch, and a run that finds one resumes after its last epoch, with the same batches and

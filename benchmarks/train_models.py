@@ -37,7 +37,16 @@ import numpy as np
 import torch
 
 from benchmarks.attacks import ATTACKS
-from benchmarks.cifar import DEFAULT_SEED, DEFAULT_WIDTH, _atomic_write, fit, load_cifar10, predict
+from benchmarks.cifar import (
+    DEFAULT_SEED,
+    DEFAULT_WIDTH,
+    BatchPoisoner,
+    WanetBatchPoisoner,
+    _atomic_write,
+    fit,
+    load_cifar10,
+    predict,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IMBALANCED = ("longtail", "step")
@@ -121,14 +130,18 @@ def train_one(
         record["gpu"] = torch.cuda.get_device_name(torch.device(device))
     epochs = epochs or named_epochs
     attack = ATTACKS.get(kind)
-    late, poisoner = None, None
+    late = None
+    poisoner: BatchPoisoner | WanetBatchPoisoner | None = None
     if attack is not None:
         poisoned = attack.poison(x, y, seed)
         x, y = poisoned.x, poisoned.y
         record.update(poisoned.record)
         if attack.late:
             late = (poisoned.late, attack.trigger)
-        if attack.per_batch is not None:
+        if attack.per_batch is not None and device.startswith("cuda"):
+            poisoner = WanetBatchPoisoner(attack)  # on the GPU, without a trip through the host
+            record["poisoning_on"] = "gpu (torch)"
+        elif attack.per_batch is not None:
             poisoner = attack.poison_batch
     elif kind in IMBALANCED:
         idx = imbalanced_indices(y, kind, IMBALANCE_RATIO, seed)

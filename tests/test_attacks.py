@@ -120,6 +120,50 @@ def test_wanet_batch_poisons_the_head_of_each_batch_as_the_reference_code_does()
         A.ATTACKS["wanet"].poison_batch(x, y, rng)
 
 
+def test_the_device_warp_is_the_numpy_warp_exactly() -> None:
+    torch = pytest.importorskip("torch")
+    from benchmarks.cifar import _nchw, warp_tensor
+
+    rng = np.random.default_rng(6)
+    x = rng.integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)
+    grid = A.wanet_grid(32)
+    noisy = np.clip(grid[None] + rng.uniform(-1, 1, size=(5, 32, 32, 2)) / 32, -1.0, 1.0)
+    for g in (grid, noisy):
+        out = warp_tensor(_nchw(x), torch.from_numpy(g)).permute(0, 2, 3, 1).numpy()
+        np.testing.assert_array_equal(out, A.warp(x, g))
+    assert np.any(out != x)
+
+
+def test_the_device_wanet_batch_poisons_the_head_of_each_batch() -> None:
+    torch = pytest.importorskip("torch")
+    from benchmarks.cifar import WanetBatchPoisoner, _nchw
+
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 256, size=(128, 32, 32, 3), dtype=np.uint8)
+    y = np.arange(128) % 10
+    poison = WanetBatchPoisoner(A.ATTACKS["wanetbatch"])
+    xt, yt = _nchw(x), torch.from_numpy(y)
+    xp_t, yp_t = poison(xt, yt, torch.Generator().manual_seed(0))
+    assert torch.equal(xt, _nchw(x)) and torch.equal(yt, torch.from_numpy(y))  # inputs kept
+    xp, yp = xp_t.permute(0, 2, 3, 1).numpy(), yp_t.numpy()
+    # as the NumPy poisoner: 12 warped and sent to the target, 24 noise-warped, the rest as given
+    np.testing.assert_array_equal(xp[:12], A.wanet(x[:12]))
+    assert yp[:12].tolist() == [0] * 12
+    noisy = xp[12:36]
+    assert np.any(noisy != x[12:36], axis=(1, 2, 3)).all()
+    assert np.any(noisy != A.wanet(x[12:36]), axis=(1, 2, 3)).all()
+    np.testing.assert_array_equal(yp[12:], y[12:])
+    np.testing.assert_array_equal(xp[36:], x[36:])
+    # the noise is drawn from the training generator: the same state poisons the same way
+    again, _ = poison(xt, yt, torch.Generator().manual_seed(0))
+    other, _ = poison(xt, yt, torch.Generator().manual_seed(1))
+    assert torch.equal(again, xp_t) and not torch.equal(other, xp_t)
+    small_x, small_y = poison(xt[:9], yt[:9], torch.Generator())
+    assert torch.equal(small_x, xt[:9]) and torch.equal(small_y, yt[:9])
+    with pytest.raises(ValueError, match="not each batch"):
+        WanetBatchPoisoner(A.ATTACKS["wanet"])
+
+
 def test_attacker_labels_and_eval_mask() -> None:
     y = np.array([0, 1, 9])
     assert A.ATTACKS["badnets"].attacker_labels(y).tolist() == [0, 0, 0]
@@ -161,17 +205,20 @@ def test_model_names_may_carry_their_width_and_epochs() -> None:
             parse_name(bad)
 
 
-@pytest.mark.parametrize("poisoner", [None, "wanetbatch"])
+@pytest.mark.parametrize("poisoner", [None, "wanetbatch", "wanetbatch-device"])
 def test_training_resumes_from_its_checkpoint_exactly(tmp_path: Path, poisoner: str | None) -> None:
     torch = pytest.importorskip("torch")
-    from benchmarks.cifar import fit
+    from benchmarks.cifar import WanetBatchPoisoner, fit
 
     rng = np.random.default_rng(3)
     x = rng.integers(0, 256, size=(96, 32, 32, 3), dtype=np.uint8)
     y = rng.integers(0, 10, size=96)
     kw: dict[str, Any] = {"width": 4, "epochs": 3, "bf16": False}
     if poisoner is not None:  # each batch poisoned afresh, from the run's own random state
-        kw["poisoner"] = A.ATTACKS[poisoner].poison_batch
+        attack = A.ATTACKS["wanetbatch"]
+        kw["poisoner"] = (
+            WanetBatchPoisoner(attack) if poisoner.endswith("device") else attack.poison_batch
+        )
     straight, _ = fit(x, y, **kw)
     if poisoner is not None:
         unpoisoned, _ = fit(x, y, width=4, epochs=3, bf16=False)
@@ -213,16 +260,22 @@ def test_each_trained_width_has_a_calibrate_factory() -> None:
         factory_for(8)
 
 
-def test_training_on_a_gpu_hands_back_a_cpu_model() -> None:
+@pytest.mark.parametrize("per_batch", [False, True])
+def test_training_on_a_gpu_hands_back_a_cpu_model(per_batch: bool) -> None:
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    from benchmarks.cifar import fit, predict
+    from benchmarks.cifar import WanetBatchPoisoner, _nchw, fit, predict, warp_tensor
 
     rng = np.random.default_rng(4)
     x = rng.integers(0, 256, size=(64, 32, 32, 3), dtype=np.uint8)
     y = rng.integers(0, 10, size=64)
-    model, _ = fit(x, y, width=4, epochs=1, device="cuda")
+    poisoner = WanetBatchPoisoner(A.ATTACKS["wanetbatch"]) if per_batch else None
+    if per_batch:  # the warp on the GPU is the NumPy one, exactly
+        grid = torch.from_numpy(A.wanet_grid(32))
+        on_gpu = warp_tensor(_nchw(x).cuda(), grid.cuda()).cpu()
+        np.testing.assert_array_equal(on_gpu.permute(0, 2, 3, 1).numpy(), A.wanet(x))
+    model, _ = fit(x, y, width=4, epochs=1, device="cuda", poisoner=poisoner)
     assert all(p.device.type == "cpu" for p in model.parameters())
     assert not model.training
     assert predict(model, x).shape == (64,)

@@ -25,6 +25,7 @@ from guard.mmdf import (
 from tests.conftest import TINY
 from tests.helpers import run_cli
 from tests.test_cli import _assert_one_line_error, _calibrate_tiny, _nothing_written, _tiny_args
+from tests.test_server_cuda import requires_gpu
 
 # 108 held-out images (a gpd null needs 100); few MM-BD steps: the bounds' values do not matter
 SMALL = ("--heldout-fraction", "0.9", "--mmbd-steps", "10")
@@ -205,6 +206,44 @@ def test_a_real_server_serves_the_three_network_artifact(
     assert res.as_numpy("flagged").tolist() == expected.flagged.tolist()
     assert res.as_numpy("label").tolist() == expected.label.tolist()
     np.testing.assert_allclose(res.as_numpy("p_value"), expected.p_value, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.slow
+@requires_gpu
+def test_the_three_networks_run_on_the_gpu(start_artifact: tuple[Path, dict, dict]) -> None:
+    import tritonclient.grpc as tc
+
+    from guard.artifact import load_artifact
+    from guard.config import BatchingConfig
+    from guard.engine import CUDA, GuardEngine
+    from tests.serving import running, serve_config
+
+    out, _, _ = start_artifact
+    art = load_artifact(out)
+    gpu, cpu = GuardEngine(art, "cuda"), GuardEngine(art, "cpu", threads=1)
+    assert len(gpu._sessions) == 3
+    assert all(s.get_providers()[0] == CUDA for s in gpu._sessions)
+    x = np.concatenate([_poisoned(), _clean()[0]])
+    for on_gpu, on_cpu in zip(gpu.logits(x), cpu.logits(x), strict=True):
+        np.testing.assert_allclose(on_gpu, on_cpu, rtol=1e-3, atol=1e-3)
+    g, c = gpu.decide(x), cpu.decide(x)
+    assert g.label.tolist() == c.label.tolist() and g.flagged.tolist() == c.flagged.tolist()
+    assert c.flagged.any() and not c.flagged.all()
+    batching = BatchingConfig(max_batch_size=8, max_queue_delay_ms=2.0, warmup_batch_sizes=(1, 8))
+    few = np.concatenate([_poisoned()[:4], _clean()[0][:4]])
+    expected = cpu.decide(few)
+    with running(serve_config(out, device="cuda", batching=batching)) as srv:
+        info = next(m for m in srv.registry.collect() if m.name == "guard_build_info").samples[0]
+        assert info.labels["provider"] == CUDA
+        client = tc.InferenceServerClient(srv.url)
+        try:
+            inp = tc.InferInput("input", list(few.shape), "FP32")
+            inp.set_data_from_numpy(few)
+            res = client.infer("art", [inp], client_timeout=60)
+        finally:
+            client.close()
+    assert res.as_numpy("flagged").tolist() == expected.flagged.tolist()
+    assert res.as_numpy("label").tolist() == expected.label.tolist()
 
 
 # --- refusals -----------------------------------------------------------------------------
