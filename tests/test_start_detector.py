@@ -8,6 +8,7 @@ import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -167,12 +168,24 @@ def test_the_guard_combines_both_p_values(start_artifact: tuple[Path, dict, dict
     assert d.flagged.any() and not d.flagged.all()  # both outcomes occur on these inputs
 
 
+def _infer(url: str, x: np.ndarray) -> Any:
+    """One FP32 request for the artifact `art`, through stock tritonclient."""
+    import tritonclient.grpc as tc
+
+    client = tc.InferenceServerClient(url)
+    try:
+        inp = tc.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        return client.infer("art", [inp], client_timeout=60)
+    finally:
+        client.close()
+
+
 @pytest.mark.slow
 def test_a_real_server_serves_the_three_network_artifact(
     start_artifact: tuple[Path, dict, dict],
 ) -> None:
     import grpc
-    import tritonclient.grpc as tc
 
     from guard._proto import grpc_predict_v2_pb2 as pb
     from guard._proto import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -196,13 +209,7 @@ def test_a_real_server_serves_the_three_network_artifact(
             channel.close()
         assert md.properties["start_detector"] == "gpd"
         assert md.properties["start_sha256"] == manifest["files"]["start"]["sha256"]
-        client = tc.InferenceServerClient(srv.url)
-        try:
-            inp = tc.InferInput("input", list(x.shape), "FP32")
-            inp.set_data_from_numpy(x)
-            res = client.infer("art", [inp], client_timeout=30)
-        finally:
-            client.close()
+        res = _infer(srv.url, x)
     assert res.as_numpy("flagged").tolist() == expected.flagged.tolist()
     assert res.as_numpy("label").tolist() == expected.label.tolist()
     np.testing.assert_allclose(res.as_numpy("p_value"), expected.p_value, rtol=1e-5, atol=1e-12)
@@ -211,8 +218,6 @@ def test_a_real_server_serves_the_three_network_artifact(
 @pytest.mark.slow
 @requires_gpu
 def test_the_three_networks_run_on_the_gpu(start_artifact: tuple[Path, dict, dict]) -> None:
-    import tritonclient.grpc as tc
-
     from guard.artifact import load_artifact
     from guard.config import BatchingConfig
     from guard.engine import CUDA, GuardEngine
@@ -235,13 +240,7 @@ def test_the_three_networks_run_on_the_gpu(start_artifact: tuple[Path, dict, dic
     with running(serve_config(out, device="cuda", batching=batching)) as srv:
         info = next(m for m in srv.registry.collect() if m.name == "guard_build_info").samples[0]
         assert info.labels["provider"] == CUDA
-        client = tc.InferenceServerClient(srv.url)
-        try:
-            inp = tc.InferInput("input", list(few.shape), "FP32")
-            inp.set_data_from_numpy(few)
-            res = client.infer("art", [inp], client_timeout=60)
-        finally:
-            client.close()
+        res = _infer(srv.url, few)
     assert res.as_numpy("flagged").tolist() == expected.flagged.tolist()
     assert res.as_numpy("label").tolist() == expected.label.tolist()
 
