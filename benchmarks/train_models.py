@@ -14,7 +14,8 @@ interrupted in training resumes after its last finished epoch (``CACHE/models/NA
 A name may end in ``_eN`` (``wanet_e24``): the same model trained for N epochs instead of the
 default, cached under its own name; and carry ``_wW`` before that (``wanet_w64_e60``): the network
 of width W instead of ``--width``. ``--device cuda`` trains on a GPU (the default when torch sees
-one); the record names the device.
+one); the record names the device. There ``wanetbatch`` poisons each batch on the GPU
+(``benchmarks.cifar.WanetBatchPoisoner``, the same warp as the CPU's NumPy poisoner, exactly).
 
 Imbalanced models (no backdoor): ``longtail`` keeps ``5000 * 100**(-c/9)`` training images of
 class c; ``step`` keeps 5000 of classes 0-4 and 50 of classes 5-9. Both have ratio 100.
