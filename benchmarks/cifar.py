@@ -242,7 +242,8 @@ class WanetBatchPoisoner:
     """WaNet's per-batch poisoning (:func:`benchmarks.attacks.wanet_batch`: the first ``rate``
     of each batch warped and sent to the target, the next ``cross_ratio`` times as many given
     the noise-mode warp) on torch tensors, on the batch's own device. On a GPU the NumPy
-    poisoner's round trip through the host costs more than the training step itself. Its
+    poisoner's round trip through the host would cost more than the training step: 13 ms a
+    batch on the 2-core development CPU, against 7.6 ms a full-width step on an H200. Its
     random offsets are drawn from the training generator, so a run's draws differ from the
     NumPy poisoner's, as a run on another device's do."""
 

@@ -1,6 +1,7 @@
 """The start detector (`mmguard calibrate --start-detector`): a third network under the bounds
 MMAC's first iteration left, its own null, and the guard's Bonferroni combination of the two
-p-values, from calibration through the artifact to a real server answering tritonclient."""
+p-values, from calibration through the artifact to a real server answering tritonclient, on the
+CPU and (where onnxruntime has CUDA) on a GPU."""
 
 from __future__ import annotations
 
