@@ -95,14 +95,9 @@ def test_poisoning_follows_the_attack_mode(name: str) -> None:
         assert record["n_noise_mode"] == 40  # cross ratio 2, labels kept
 
 
-def test_wanet_batch_poisons_the_head_of_each_batch_as_the_reference_code_does() -> None:
-    rng = np.random.default_rng(5)
-    x = rng.integers(0, 256, size=(128, 32, 32, 3), dtype=np.uint8)
-    y = np.arange(128) % 10
-    x_before = x.copy()
-    xp, yp = A.ATTACKS["wanetbatch"].poison_batch(x, y, np.random.default_rng(0))
-    np.testing.assert_array_equal(x, x_before)
-    # int(128 * 0.1) = 12 warped and sent to the target, the next 24 noise-warped, labels kept
+def _assert_head_poisoned(x: np.ndarray, y: np.ndarray, xp: np.ndarray, yp: np.ndarray) -> None:
+    """A 128-image batch poisoned as WaNet's reference code does: int(128 * 0.1) = 12 warped and
+    sent to the target, the next 24 noise-warped with their labels kept, the rest as given."""
     np.testing.assert_array_equal(xp[:12], A.wanet(x[:12]))
     assert yp[:12].tolist() == [0] * 12
     noisy = xp[12:36]
@@ -110,6 +105,16 @@ def test_wanet_batch_poisons_the_head_of_each_batch_as_the_reference_code_does()
     assert np.any(noisy != A.wanet(x[12:36]), axis=(1, 2, 3)).all()  # not the trigger itself
     np.testing.assert_array_equal(yp[12:], y[12:])
     np.testing.assert_array_equal(xp[36:], x[36:])
+
+
+def test_wanet_batch_poisons_the_head_of_each_batch_as_the_reference_code_does() -> None:
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 256, size=(128, 32, 32, 3), dtype=np.uint8)
+    y = np.arange(128) % 10
+    x_before = x.copy()
+    xp, yp = A.ATTACKS["wanetbatch"].poison_batch(x, y, np.random.default_rng(0))
+    np.testing.assert_array_equal(x, x_before)
+    _assert_head_poisoned(x, y, xp, yp)
     # a batch too small for a poisoned image is left alone; the cross share never overruns it
     small_x, small_y = A.wanet_batch(x[:9], y[:9], rng)
     np.testing.assert_array_equal(small_x, x[:9])
@@ -145,15 +150,7 @@ def test_the_device_wanet_batch_poisons_the_head_of_each_batch() -> None:
     xt, yt = _nchw(x), torch.from_numpy(y)
     xp_t, yp_t = poison(xt, yt, torch.Generator().manual_seed(0))
     assert torch.equal(xt, _nchw(x)) and torch.equal(yt, torch.from_numpy(y))  # inputs kept
-    xp, yp = xp_t.permute(0, 2, 3, 1).numpy(), yp_t.numpy()
-    # as the NumPy poisoner: 12 warped and sent to the target, 24 noise-warped, the rest as given
-    np.testing.assert_array_equal(xp[:12], A.wanet(x[:12]))
-    assert yp[:12].tolist() == [0] * 12
-    noisy = xp[12:36]
-    assert np.any(noisy != x[12:36], axis=(1, 2, 3)).all()
-    assert np.any(noisy != A.wanet(x[12:36]), axis=(1, 2, 3)).all()
-    np.testing.assert_array_equal(yp[12:], y[12:])
-    np.testing.assert_array_equal(xp[36:], x[36:])
+    _assert_head_poisoned(x, y, xp_t.permute(0, 2, 3, 1).numpy(), yp_t.numpy())
     # the noise is drawn from the training generator: the same state poisons the same way
     again, _ = poison(xt, yt, torch.Generator().manual_seed(0))
     other, _ = poison(xt, yt, torch.Generator().manual_seed(1))
