@@ -162,6 +162,13 @@ def random_patch(x: np.ndarray, patch: int = 3, seed: int = PATTERN_SEED) -> np.
     return out
 
 
+def wanet_batch_layout(n: int, rate: float, cross_ratio: float) -> tuple[int, int]:
+    """How many images of an n-image batch WaNet's reference code warps (the first ones) and how
+    many after them get the noise-mode warp; the second share never overruns the batch."""
+    n_bd = int(n * rate)
+    return n_bd, min(int(n_bd * cross_ratio), n - n_bd)
+
+
 def wanet_batch(
     x: np.ndarray,
     y: np.ndarray,
@@ -173,8 +180,7 @@ def wanet_batch(
     """One training batch poisoned as WaNet's reference ``train.py`` does it: the first
     ``int(rate n)`` images warped and relabelled ``target``, the next ``int(cross_ratio n_bd)``
     given the noise-mode warp with their labels kept, the rest untouched. Returns copies."""
-    n_bd = int(len(y) * rate)
-    n_cross = min(int(n_bd * cross_ratio), len(y) - n_bd)
+    n_bd, n_cross = wanet_batch_layout(len(y), rate, cross_ratio)
     x_out, y_out = np.array(x, copy=True), np.array(y, copy=True)
     x_out[:n_bd] = wanet(x[:n_bd])
     y_out[:n_bd] = target

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from benchmarks.attacks import Attack, badnets, wanet_grid
+from benchmarks.attacks import Attack, badnets, wanet_batch_layout, wanet_grid
 from calibrate.cifar_resnet import DEFAULT_WIDTH, CifarResNet18, cifar_resnet18
 
 DEFAULT_TARGET = 0
@@ -264,9 +264,8 @@ class WanetBatchPoisoner:
     def __call__(
         self, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        n, h = len(y), x.shape[-2]
-        n_bd = int(n * self.rate)
-        n_cross = min(int(n_bd * self.cross_ratio), n - n_bd)
+        h = x.shape[-2]
+        n_bd, n_cross = wanet_batch_layout(len(y), self.rate, self.cross_ratio)
         grid = self.grid(h, x.device)
         x_out, y_out = x.clone(), y.clone()
         x_out[:n_bd] = warp_tensor(x[:n_bd], grid)
