@@ -33,6 +33,7 @@ import numpy as np
 from benchmarks.evalmetrics import auroc, tpr_at_fpr
 from benchmarks.evaluate import (
     REPO_ROOT,
+    extra_detectors,
     guard_figures,
     guard_logits,
     null_variants,
@@ -72,7 +73,7 @@ def combine(name: str, cache_dir: Path, data: dict[str, np.ndarray], variant: st
                  **figs, "matched_tpr": tpr, "auroc": auroc(d_clean, d_trig)}
             )  # fmt: skip
     for kind_l, kind_s in PAIRS:  # both together: guard.mmdf.decide with a start detector
-        start_s = (nulls_s[kind_s], gz_s, tgz_s)
+        start_s = extra_detectors((nulls_s[kind_s], gz_s, tgz_s))
         figs = guard_figures(g, gz_l, y, tg, tgz_l, ty, attacker, nulls_l[kind_l], alpha, start_s)
         rows.append({"null_learned": kind_l, "null_start": kind_s, **figs["p"]})
     out_path = base / f"combined-{variant}.json"

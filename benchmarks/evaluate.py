@@ -130,20 +130,19 @@ def guard_figures(
     attacker: np.ndarray,
     null: Any,
     alpha: float,
-    start: tuple[Any, np.ndarray, np.ndarray] | None = None,
+    extras: Extras | None = None,
 ) -> dict[str, Any]:
     """Guarded figures on clean (g, gz, y) and triggered (tg, tgz, ty) inputs under ``null``,
-    with the disagreement rule off (``p``) and on (``p_dis``). ``start``: the start detector's
-    null and its logits on the clean and the triggered inputs, when the artifact has one."""
-    from guard.mmdf import DecisionRule, StartDetector, decide
+    with the disagreement rule off (``p``) and on (``p_dis``). ``extras``: the start and/or
+    range detectors on the clean and the triggered inputs (:func:`extra_detectors`)."""
+    from guard.mmdf import DecisionRule, decide
 
-    sd_clean = sd_trig = None
-    if start is not None:
-        sd_clean, sd_trig = StartDetector(start[1], start[0]), StartDetector(start[2], start[0])
+    on_clean, on_trig = extras if extras is not None else ((None, None), (None, None))
     out: dict[str, Any] = {}
     for tag, dis in (("p", False), ("p_dis", True)):
         rule = DecisionRule(alpha, flag_on_disagreement=dis)
-        clean, trig = decide(g, gz, null, rule, sd_clean), decide(tg, tgz, null, rule, sd_trig)
+        clean = decide(g, gz, null, rule, *on_clean)
+        trig = decide(tg, tgz, null, rule, *on_trig)
         out[tag] = {
             "clean_accuracy": float(np.mean(clean.label == y)),
             "fpr": float(np.mean(clean.flagged)),
@@ -211,31 +210,70 @@ class GuardLogits(NamedTuple):
     seconds: float
     gs: np.ndarray | None = None
     tgs: np.ndarray | None = None
+    gr: np.ndarray | None = None  # the range detector's activation ratios, clean
+    tgr: np.ndarray | None = None  # and triggered
 
     def start(self) -> tuple[Any, np.ndarray, np.ndarray] | None:
-        """guard_figures' ``start`` argument: the artifact's start null and logits, or None."""
+        """The artifact's start null and logits (clean, triggered), or None."""
         if self.art.start_null is None or self.gs is None or self.tgs is None:
             return None
         return self.art.start_null, self.gs, self.tgs
 
+    def ranged(self) -> tuple[Any, np.ndarray, np.ndarray] | None:
+        """The artifact's range null and activation ratios (clean, triggered), or None."""
+        if self.art.range_null is None or self.gr is None or self.tgr is None:
+            return None
+        return self.art.range_null, self.gr, self.tgr
+
+    def extras(self) -> Extras | None:
+        """guard_figures' ``extras`` argument: the artifact's own extra detectors."""
+        return extra_detectors(self.start(), self.ranged())
+
     def detection_scores(self) -> tuple[np.ndarray, np.ndarray]:
-        """What ranks clean against triggered inputs: the MMDF statistic d; with a start
-        detector, -log of the smaller of its two p-values (the order of the combined p-value,
-        which ties at 1)."""
-        from guard.mmdf import p_values, statistic
+        """What ranks clean against triggered inputs: the MMDF statistic d; with a start or a
+        range detector, -log of the smallest of the p-values (the order of the combined
+        p-value, which ties at 1)."""
+        from guard.mmdf import p_values, range_statistic, statistic
 
         d_clean, d_trig = statistic(self.g, self.gz), statistic(self.tg, self.tgz)
-        start = self.start()
-        if start is None:
+        start, ranged = self.start(), self.ranged()
+        if start is None and ranged is None:
             return d_clean, d_trig
-        null_s, gs, tgs = start
         tiny = np.finfo(np.float64).tiny
 
-        def score(d: np.ndarray, d_start: np.ndarray) -> np.ndarray:
-            p = np.minimum(p_values(self.art.null, d), p_values(null_s, d_start))
+        def score(g: np.ndarray, d: np.ndarray, gs: Any, gr: Any) -> np.ndarray:
+            p = p_values(self.art.null, d)
+            if start is not None:
+                p = np.minimum(p, p_values(start[0], statistic(g, gs)))
+            if ranged is not None:
+                p = np.minimum(p, p_values(ranged[0], range_statistic(gr)))
             return np.asarray(-np.log(np.maximum(p, tiny)))
 
-        return score(d_clean, statistic(self.g, gs)), score(d_trig, statistic(self.tg, tgs))
+        return (
+            score(self.g, d_clean, self.gs, self.gr),
+            score(self.tg, d_trig, self.tgs, self.tgr),
+        )
+
+
+Extras = tuple[tuple[Any, Any], tuple[Any, Any]]
+"""(start, range) detectors for ``guard.mmdf.decide`` on the clean and on the triggered inputs."""
+
+
+def extra_detectors(
+    start: tuple[Any, np.ndarray, np.ndarray] | None = None,
+    ranged: tuple[Any, np.ndarray, np.ndarray] | None = None,
+) -> Extras | None:
+    """The detectors beside the learned bounds' statistic, from (null, clean, triggered) of the
+    start detector's logits and of the range detector's ratios; None without either."""
+    from guard.mmdf import RangeDetector, StartDetector
+
+    if start is None and ranged is None:
+        return None
+    sd = (None, None) if start is None else (StartDetector(start[1], start[0]),
+                                             StartDetector(start[2], start[0]))  # fmt: skip
+    rd = (None, None) if ranged is None else (RangeDetector(ranged[1], ranged[0]),
+                                              RangeDetector(ranged[2], ranged[0]))  # fmt: skip
+    return (sd[0], rd[0]), (sd[1], rd[1])
 
 
 def guard_logits(
@@ -255,11 +293,11 @@ def guard_logits(
     tx, ty = attack.trigger(x[mask]), y[mask]
     attacker = attack.attacker_labels(ty)
     t = time.perf_counter()
-    g, gz, gs = batched(lambda b: engine.logits(to_float(b)), x)
-    tg, tgz, tgs = batched(lambda b: engine.logits(to_float(b)), tx)
+    g, gz, gs, gr = batched(lambda b: engine.logits(to_float(b)), x)
+    tg, tgz, tgs, tgr = batched(lambda b: engine.logits(to_float(b)), tx)
     seconds = time.perf_counter() - t
     return GuardLogits(
-        art, engine, attack, x, tx, g, gz, y, tg, tgz, ty, attacker, seconds, gs, tgs
+        art, engine, attack, x, tx, g, gz, y, tg, tgz, ty, attacker, seconds, gs, tgs, gr, tgr
     )
 
 
@@ -271,7 +309,7 @@ def rescore_nulls(
     s = guard_logits(name, art_dir, data, idx)
     alpha = s.art.rule.alpha
     return {
-        kind: guard_figures(s.g, s.gz, s.y, s.tg, s.tgz, s.ty, s.attacker, null, alpha, s.start())
+        kind: guard_figures(s.g, s.gz, s.y, s.tg, s.tgz, s.ty, s.attacker, null, alpha, s.extras())
         for kind, null in null_variants(art_dir).items()
     }
 
@@ -287,26 +325,29 @@ def evaluate_attack(
     _, strip_idx, _ = idx
     logits = guard_logits(name, art_dir, data, idx)
     art, engine, attack, x, tx, g, gz, y, tg, tgz, ty, attacker, guard_s = logits[:13]
-    start = logits.start()
+    start, ranged, extras = logits.start(), logits.ranged(), logits.extras()
     res: dict[str, Any] = {
         "undefended_clean_accuracy": float(np.mean(g.argmax(1) == y)),
         "undefended_asr": float(np.mean(tg.argmax(1) == attacker)),
         "undefended_restored": float(np.mean(tg.argmax(1) == ty)),
         "null": art.null.kind,
     }
-    res.update(guard_figures(g, gz, y, tg, tgz, ty, attacker, art.null, art.rule.alpha, start))
+    res.update(guard_figures(g, gz, y, tg, tgz, ty, attacker, art.null, art.rule.alpha, extras))
     res["by_null"] = {
-        kind: guard_figures(g, gz, y, tg, tgz, ty, attacker, null, art.rule.alpha, start)
+        kind: guard_figures(g, gz, y, tg, tgz, ty, attacker, null, art.rule.alpha, extras)
         for kind, null in null_variants(art_dir).items()
     }
-    if start is not None:  # the same artifact as the two-network guard, for comparison
+    if extras is not None:  # the same artifact as the two-network guard, for comparison
         from guard.mmdf import statistic
 
-        res["start_null"] = start[0].kind
-        res["without_start_detector"] = {
+        res["without_start_detector" if ranged is None else "learned_statistic_alone"] = {
             **guard_figures(g, gz, y, tg, tgz, ty, attacker, art.null, art.rule.alpha),
             "auroc_full": auroc(statistic(g, gz), statistic(tg, tgz)),
         }
+    if start is not None:
+        res["start_null"] = start[0].kind
+    if ranged is not None:
+        res.update(range_figures(logits, ranged))
     res.update(
         attack=attack.record()
         | {"trigger_shown_to_clean_model": parse_name(name)[0] not in ATTACKS},
@@ -315,6 +356,7 @@ def evaluate_attack(
         alpha=art.rule.alpha,
         provider=engine.providers[0],
         guard_forward_passes_per_input=2 if start is None else 3,
+        range_detector=ranged is not None,
         strip_forward_passes_per_input=1 + STRIP_BLENDS,
         guard_seconds=round(guard_s, 1),
     )
@@ -350,6 +392,30 @@ def evaluate_attack(
     return res
 
 
+def range_figures(s: GuardLogits, ranged: tuple[Any, np.ndarray, np.ndarray]) -> dict[str, Any]:
+    """The range detector's statistic on its own (p < alpha, as `mmguard serve` would with it
+    as the only test) and the two-network guard with it (its artifact's start detector, if
+    any, left out), for comparison with the served figures."""
+    from guard.mmdf import range_statistic
+
+    null, gr, tgr = ranged
+    r_clean, r_trig = range_statistic(gr), range_statistic(tgr)
+    tpr, fpr = tpr_at_fpr(r_clean, r_trig, s.art.rule.alpha)
+    learned_and_range = guard_figures(
+        s.g, s.gz, s.y, s.tg, s.tgz, s.ty, s.attacker, s.art.null, s.art.rule.alpha,
+        extra_detectors(None, ranged),
+    )  # fmt: skip
+    from guard.mmdf import p_values
+
+    alone = {
+        "fpr": float(np.mean(p_values(null, r_clean) < s.art.rule.alpha)),
+        "tpr": float(np.mean(p_values(null, r_trig) < s.art.rule.alpha)),
+        "auroc_full": auroc(r_clean, r_trig),
+        "matched": {"tpr": tpr, "fpr": fpr},
+    }
+    return {"range_null": null.kind, "range_alone": alone, "learned_and_range": learned_and_range}
+
+
 def evaluate_mmom(
     name: str, art_dir: Path, data: dict[str, np.ndarray], idx: tuple[np.ndarray, ...]
 ) -> dict[str, Any]:
@@ -361,7 +427,7 @@ def evaluate_mmom(
     keep = np.sort(np.concatenate([strip_idx, eval_idx]))
     x, y = data["x_test"][keep], data["y_test"][keep]
     engine = GuardEngine(load_artifact(art_dir), "cpu", threads=THREADS[0])
-    g, gz, _ = batched(lambda b: engine.logits(to_float(b)), x)
+    g, gz = batched(lambda b: engine.logits(to_float(b)), x)[:2]
     pred, pred_z = g.argmax(1), gz.argmax(1)
     classes = np.unique(y)
     return {

@@ -56,23 +56,23 @@ def answers(engine: Any, x: np.ndarray) -> Answer:
     )
 
 
-def _decide(engine: Any, original: Any, bounded: Any, start: Any) -> Any:
-    """guard.mmdf.decide on an engine's logits, with its artifact's start detector if any."""
+def _decide(engine: Any, original: Any, bounded: Any, start: Any, ratios: Any) -> Any:
+    """guard.mmdf.decide on an engine's outputs, with its artifact's start and range detectors
+    if any."""
     from guard.mmdf import decide
 
     a = engine.artifact
-    return decide(original, bounded, a.null, a.rule, a.start_detector(start))
-
-
-def _chunked_logits(engine: Any, pixels: np.ndarray, size: int) -> tuple[Any, Any, Any]:
-    """The engine's (original, bounded, start or None) logits, run in batches of ``size``."""
-    runs = [engine.logits(pixels[i : i + size]) for i in range(0, len(pixels), size)]
-    original, bounded, start = (list(part) for part in zip(*runs, strict=True))
-    return (
-        np.concatenate(original),
-        np.concatenate(bounded),
-        None if start[0] is None else np.concatenate(start),
+    return decide(
+        original, bounded, a.null, a.rule, a.start_detector(start), a.range_detector(ratios)
     )
+
+
+def _chunked_logits(engine: Any, pixels: np.ndarray, size: int) -> tuple[Any, ...]:
+    """The engine's outputs (original, bounded, start or None, ratios or None), run in batches
+    of ``size``."""
+    runs = [engine.logits(pixels[i : i + size]) for i in range(0, len(pixels), size)]
+    parts = [list(part) for part in zip(*runs, strict=True)]
+    return tuple(None if part[0] is None else np.concatenate(part) for part in parts)
 
 
 def _top2_gap(logits: np.ndarray) -> np.ndarray:

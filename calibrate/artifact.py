@@ -18,6 +18,7 @@ from guard.artifact import (
     MANIFEST_NAME,
     MANIFEST_SCHEMA_VERSION,
     NETWORK_FILES,
+    RANGE_SCHEMA_VERSION,
     START_FILE,
     START_SCHEMA_VERSION,
     sha256_file,
@@ -67,8 +68,9 @@ def library_versions() -> dict[str, str]:
 
 
 def write_manifest(root: Path, fields: dict[str, Any]) -> Path:
-    """manifest.json = schema version + sha256 of each network + the given fields. Schema 2 when
-    the fields carry a start detector (its network must then be in root), else 1."""
+    """manifest.json = schema version + sha256 of each network + the given fields. Schema 3 when
+    the fields carry a range detector, else 2 when they carry a start detector (its network
+    must then be in root), else 1."""
     roles = dict(NETWORK_FILES)
     start = "start_detector" in fields
     if start:
@@ -78,6 +80,8 @@ def write_manifest(root: Path, fields: dict[str, Any]) -> Path:
         path = root / name
         files[role] = {"path": name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
     version = START_SCHEMA_VERSION if start else MANIFEST_SCHEMA_VERSION
+    if "range_detector" in fields:
+        version = RANGE_SCHEMA_VERSION
     manifest = {"schema_version": version, "files": files, **fields}
     path = root / MANIFEST_NAME
     path.write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")

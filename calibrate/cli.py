@@ -155,6 +155,18 @@ def _add_method_flags(p: argparse.ArgumentParser) -> None:
         default=d.start_null,
         help="the start detector's null (default: %(default)s)",
     )
+    m.add_argument(
+        "--range-detector",
+        action="store_true",
+        help="also test how far the original network's activations leave their clean range (a "
+        "second output of original.onnx: no extra network per request)",
+    )
+    m.add_argument(
+        "--range-null",
+        choices=list(NULL_KINDS),
+        default=d.range_null,
+        help="the range detector's null (default: %(default)s)",
+    )
     m.add_argument("--alpha", type=float, default=d.alpha, help="flag when p < alpha")
     m.add_argument("--flag-on-disagreement", action="store_true")
     m.add_argument("--mmbd-starts", type=int, default=d.mmbd_starts)
@@ -190,6 +202,8 @@ def config_from_args(args: argparse.Namespace) -> CalibrationConfig:
         null=args.null,
         start_detector=args.start_detector,
         start_null=args.start_null,
+        range_detector=args.range_detector,
+        range_null=args.range_null,
         alpha=args.alpha,
         flag_on_disagreement=args.flag_on_disagreement,
         mmbd_starts=args.mmbd_starts,

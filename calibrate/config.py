@@ -155,6 +155,14 @@ class CalibrationConfig:
     # the start statistic's null: a point mass near 0 and a long tail, which only `gpd` fitted
     # (held-out clean FPR <= 1% on 9 of 11 benchmark models; `yeojohnson` over 1% on 10)
     start_null: NullKind = "gpd"
+    # a detection statistic with no extra network: per bound site, the largest activation of
+    # the ORIGINAL network relative to its channel's largest on the clean learning images; the
+    # statistic is the largest over the sites (guard.mmdf.range_statistic), under its own null
+    # (`range_null`). original.onnx gets it as a second output, so each request still costs
+    # two forward passes. Combined with the other p-values by Bonferroni. Off by default.
+    range_detector: bool = False
+    # its null: a body near 1 and a right tail, like the start statistic's
+    range_null: NullKind = "gpd"
     # MMDF flags inputs with p < alpha
     alpha: float = 0.005
     # also flag when the original and bounded decisions differ
@@ -184,6 +192,7 @@ class CalibrationConfig:
         _check(0 < self.heldout_fraction < 1, "heldout_fraction", self.heldout_fraction)
         _check(self.null in NULL_KINDS, "null", self.null)
         _check(self.start_null in NULL_KINDS, "start_null", self.start_null)
+        _check(self.range_null in NULL_KINDS, "range_null", self.range_null)
         if self.start_detector and self.objective != "mmac":
             raise CalibrationError("a start detector is for objective 'mmac', not 'mmom'")
         _check(0 < self.alpha < 1, "alpha", self.alpha)
@@ -197,5 +206,6 @@ class CalibrationConfig:
 
     @property
     def test_level(self) -> float:
-        """Each statistic's own flagging level: alpha, or alpha / 2 with a start detector."""
-        return self.alpha / 2 if self.start_detector else self.alpha
+        """Each statistic's own flagging level: alpha / m for m statistics (Bonferroni): 1, plus
+        one for a start detector and one for a range detector."""
+        return self.alpha / (1 + int(self.start_detector) + int(self.range_detector))

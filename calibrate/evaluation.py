@@ -8,7 +8,15 @@ from typing import Any
 import numpy as np
 
 from calibrate.config import CalibrationConfig
-from guard.mmdf import DecisionRule, StartDetector, decide, fit_null, statistic
+from guard.mmdf import (
+    DecisionRule,
+    RangeDetector,
+    StartDetector,
+    decide,
+    fit_null,
+    range_statistic,
+    statistic,
+)
 
 FPR_METHOD = (
     "2-fold cross-fit on the held-out clean images: the null is fitted on one half and the "
@@ -22,10 +30,12 @@ def cross_fitted_decisions(
     cfg: CalibrationConfig,
     disagreement: bool,
     gs: np.ndarray | None = None,
+    ratios: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Guarded labels and flags for every held-out image, each decided by a null fitted on the
     other fold, so the flag rate estimates the false-positive rate honestly. gs: the start
-    detector's logits (its null is cross-fitted the same way), or None."""
+    detector's logits, ratios: the range detector's activation ratios (their nulls are
+    cross-fitted the same way), or None."""
     n = g.shape[0]
     order = np.random.default_rng(cfg.seed + 7).permutation(n)
     folds = (order[: n // 2], order[n // 2 :])
@@ -34,12 +44,16 @@ def cross_fitted_decisions(
     rule = DecisionRule(alpha=cfg.alpha, flag_on_disagreement=disagreement)
     d = statistic(g, gz)
     d_start = None if gs is None else statistic(g, gs)
+    d_range = None if ratios is None else range_statistic(ratios)
     for fit_idx, eval_idx in (folds, folds[::-1]):
         null = fit_null(d[fit_idx], cfg.null)
         start = None
         if gs is not None and d_start is not None:
             start = StartDetector(gs[eval_idx], fit_null(d_start[fit_idx], cfg.start_null))
-        dec = decide(g[eval_idx], gz[eval_idx], null, rule, start)
+        ranged = None
+        if ratios is not None and d_range is not None:
+            ranged = RangeDetector(ratios[eval_idx], fit_null(d_range[fit_idx], cfg.range_null))
+        dec = decide(g[eval_idx], gz[eval_idx], null, rule, start, ranged)
         labels[eval_idx] = dec.label
         flagged[eval_idx] = dec.flagged
     return labels, flagged
@@ -51,13 +65,15 @@ def heldout_figures(
     y: np.ndarray,
     cfg: CalibrationConfig,
     gs: np.ndarray | None = None,
+    ratios: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Accuracy and cross-fitted false-positive rates on the held-out images; with the start
-    detector's logits gs, the flags are the combined rule's."""
+    detector's logits gs and/or the range detector's ratios, the flags are the combined
+    rule's."""
     if g.shape[0] < 4:
         raise ValueError(f"need at least 4 held-out images for the figures, got {g.shape[0]}")
     c, cz = g.argmax(axis=1), gz.argmax(axis=1)
-    by_rule = {dis: cross_fitted_decisions(g, gz, cfg, dis, gs) for dis in (False, True)}
+    by_rule = {dis: cross_fitted_decisions(g, gz, cfg, dis, gs, ratios) for dis in (False, True)}
     labels, flagged = by_rule[cfg.flag_on_disagreement]
     flagged_plain, flagged_dis = by_rule[False][1], by_rule[True][1]
     return {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +34,21 @@ def _ort_max_ir_version() -> int:
 
 
 def export_verified(
-    module: nn.Module, sample: torch.Tensor, path: Path, *, fold: bool = False
+    module: nn.Module,
+    sample: torch.Tensor,
+    path: Path,
+    *,
+    fold: bool = False,
+    outputs: Sequence[str] = (OUTPUT_NAME,),
 ) -> tuple[float, dict[str, Any] | None]:
     """Export `module` (eval mode, pixel input) to one self-contained ONNX file with a dynamic
-    batch axis, check it, and compare its logits with torch's on `sample` in onnxruntime.
+    batch axis, check it, and compare its outputs with torch's on `sample` in onnxruntime.
 
     fold: rewrite the bound sites (calibrate.onnx_fold) so onnxruntime keeps its fused kernels;
-    the rewritten graph is what gets checked and compared. Returns the max absolute logit
-    difference and the fold statistics; raises CalibrationError above MAX_ABS_DIFF."""
+    the rewritten graph is what gets checked and compared. outputs: the names of what `module`
+    returns (a tensor, or a tuple in this order), the logits first. Returns the max absolute
+    difference over them and the fold statistics; raises CalibrationError above
+    MAX_ABS_DIFF."""
     import onnx
 
     module.eval()
@@ -52,8 +60,8 @@ def export_verified(
             str(path),
             dynamo=False,
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            output_names=list(outputs),
+            dynamic_axes={INPUT_NAME: {0: "batch"}, **{o: {0: "batch"} for o in outputs}},
             opset_version=OPSET,
             do_constant_folding=True,
         )
@@ -70,17 +78,19 @@ def export_verified(
         onnx.checker.check_model(model, full_check=True)
     except Exception as exc:
         raise CalibrationError(f"exported {path.name} fails onnx.checker: {exc}") from None
-    diff = max_abs_difference(module, path, sample)
+    diff = max_abs_difference(module, path, sample, outputs)
     if not diff <= MAX_ABS_DIFF:
         raise CalibrationError(
-            f"{path.name} in onnxruntime differs from torch by {diff:.3g} in the logits "
+            f"{path.name} in onnxruntime differs from torch by {diff:.3g} in its outputs "
             f"(limit {MAX_ABS_DIFF})"
         )
     return diff, stats
 
 
-def max_abs_difference(module: nn.Module, path: Path, inputs: torch.Tensor) -> float:
-    """Largest |logit_onnxruntime - logit_torch| over `inputs`, on the CPU provider."""
+def max_abs_difference(
+    module: nn.Module, path: Path, inputs: torch.Tensor, outputs: Sequence[str] = (OUTPUT_NAME,)
+) -> float:
+    """Largest |onnxruntime - torch| over `inputs` and every output, on the CPU provider."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -88,8 +98,15 @@ def max_abs_difference(module: nn.Module, path: Path, inputs: torch.Tensor) -> f
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     x = inputs.detach().cpu().float()
     with torch.no_grad():
-        want = module(x).cpu().numpy()
-    got = sess.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
-    if got.shape != want.shape:
-        raise CalibrationError(f"{path.name} returns shape {got.shape}, torch {want.shape}")
-    return float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64))))
+        result = module(x)
+    wants = result if isinstance(result, tuple) else (result,)
+    gots = sess.run(list(outputs), {INPUT_NAME: x.numpy()})
+    worst = 0.0
+    for name, want_t, got in zip(outputs, wants, gots, strict=True):
+        want = want_t.cpu().numpy()
+        if got.shape != want.shape:
+            raise CalibrationError(
+                f"{path.name} returns {name} of shape {got.shape}, torch {want.shape}"
+            )
+        worst = max(worst, float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64)))))
+    return worst

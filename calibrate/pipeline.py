@@ -22,15 +22,16 @@ from calibrate.config import CalibrationConfig
 from calibrate.dataset import CleanSet, load_clean_set, split_clean_set
 from calibrate.errors import CalibrationError
 from calibrate.evaluation import heldout_figures
-from calibrate.export import MAX_ABS_DIFF, OPSET, export_verified
+from calibrate.export import MAX_ABS_DIFF, OPSET, OUTPUT_NAME, export_verified
 from calibrate.mitigate import MitigationResult, batched_logits, learn_bounds
 from calibrate.mmbd import verdict
 from calibrate.modelsrc import ModelSource, count_output_classes, load_model
 from calibrate.progress import Progress
+from calibrate.rangeprobe import RATIO_OUTPUT, RangeNetwork, clean_maxima
 from calibrate.report import write_report
 from calibrate.scripted import script_to_fx
 from guard.artifact import NETWORK_FILES, START_FILE
-from guard.mmdf import fit_null, gpd_min_samples, statistic, threshold
+from guard.mmdf import fit_null, gpd_min_samples, range_statistic, statistic, threshold
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,8 @@ def _check_null_size(cfg: CalibrationConfig, n_heldout: int) -> None:
     nulls = [("", "--null", cfg.null)]
     if cfg.start_detector:
         nulls.append(("the start detector's ", "--start-null", cfg.start_null))
+    if cfg.range_detector:
+        nulls.append(("the range detector's ", "--range-null", cfg.range_null))
     need = 2 * gpd_min_samples()  # the report's cross-fit fits one on each half
     for whose, flag, kind in nulls:
         if kind == "gpd" and n_heldout < need:
@@ -214,6 +217,7 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
     per_class = cfg.starts_per_class or int(min(learn.per_class_counts()))
     chw = tuple(int(v) for v in x_learn.shape[1:])
     net = BoundedNetwork(model, x_d[:2])
+    maxima = clean_maxima(net, x_d, cfg.batch_size) if cfg.range_detector else None
     net.init_bounds(cfg.bound_init, x_d, cfg.batch_size, ceiling=cfg.bound_ceiling == "max")
     init = [b.detach().clone() for b in net.bounds()]
     timing: dict[str, float] = {"load": time.perf_counter() - t0}
@@ -259,8 +263,16 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
         gs_held = batched_logits(start_net, x_held, cfg.batch_size).numpy()
         start_stats = statistic(g_held.numpy(), gs_held)
         start_null = _fit(start_stats, cfg.start_null, "start detector's ")
+    range_net, range_stats, range_null, ratios_held = None, None, None, None
+    if maxima is not None:
+        range_net = RangeNetwork(net, maxima)
+        ratios_held = range_net.ratios(x_held, cfg.batch_size).numpy()
+        range_stats = range_statistic(ratios_held)
+        range_null = _fit(range_stats, cfg.range_null, "range detector's ")
     try:
-        figures = heldout_figures(g_held.numpy(), gz_held.numpy(), held.labels, cfg, gs_held)
+        figures = heldout_figures(
+            g_held.numpy(), gz_held.numpy(), held.labels, cfg, gs_held, ratios_held
+        )
     except ValueError as exc:  # e.g. every held-out statistic equal, or a tail of ties
         raise CalibrationError(f"cannot fit a null on a half of the held-out set: {exc}") from None
     timing["null"] = time.perf_counter() - t
@@ -276,7 +288,13 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
     with staging_dir(job.out, job.force) as tmp:
         t = time.perf_counter()
         probe = x_held[:64]
-        diffs = {"original": export_verified(model, probe, tmp / NETWORK_FILES["original"])[0]}
+        original_file = tmp / NETWORK_FILES["original"]
+        if range_net is None:
+            diffs = {"original": export_verified(model, probe, original_file)[0]}
+        else:  # the original network, with the activation ratios as a second output
+            outputs = (OUTPUT_NAME, RATIO_OUTPUT)
+            diff = export_verified(range_net, probe, original_file, outputs=outputs)[0]
+            diffs = {"original": diff}
         diffs["bounded"], fold_stats = export_verified(
             net, probe, tmp / NETWORK_FILES["bounded"], fold=True
         )
@@ -329,12 +347,28 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
                 "bounds_from_iteration": 1,
                 "bounds": _bound_summary(start_net, init) if start_net is not None else [],
             }
+        if range_null is not None and range_stats is not None and maxima is not None:
+            range_info = _null_info(range_null, range_stats, cfg)
+            report["range_detector"] = {
+                "null": range_info,
+                "clean_statistics": [float(v) for v in range_stats],
+                "output": RATIO_OUTPUT,
+                "sites": _range_summary(net, maxima, ratios_held),
+            }
         manifest = _manifest_fields(job, clean, cfg, null, null_info, report, diffs)
         if start_null is not None:
             manifest["start_detector"] = {
                 "null": {**start_null.to_dict(), **_counts(start_info)},
                 "bounds_from_iteration": 1,
                 "combination": "p = min(1, 2 min(p_learned, p_start)); flag when p < alpha",
+            }
+        if range_null is not None:
+            manifest["range_detector"] = {
+                "output": RATIO_OUTPUT,
+                "sites": len(net.sites),
+                "null": {**range_null.to_dict(), **_counts(range_info)},
+                "statistic": "max over bound sites of max_c(activation_c / clean maximum_c)",
+                "combination": "Bonferroni: p = min(1, m min_i p_i) over the m statistics",
             }
         manifest["onnx"]["bound_folding"] = fold_stats
         write_manifest(tmp, manifest)
@@ -365,6 +399,26 @@ def _start_network(
         for bound, value in zip(start.bounds(), mit.start_bounds, strict=True):
             bound.copy_(value)
     return start.eval()
+
+
+def _range_summary(
+    net: BoundedNetwork, maxima: list[torch.Tensor], ratios_held: np.ndarray | None
+) -> list[dict[str, Any]]:
+    """Per bound site: its channels' clean maxima and the held-out images' ratios there."""
+    rows = []
+    for i, (site, u) in enumerate(zip(net.sites, maxima, strict=True)):
+        row: dict[str, Any] = {
+            "site": site.follows,
+            "channels": site.channels,
+            "inactive_channels": int((u <= 0).sum()),
+            "clean_max_max": float(u.max()),
+        }
+        if ratios_held is not None:
+            r = ratios_held[:, i]
+            row["heldout_ratio_median"] = float(np.median(r))
+            row["heldout_ratio_max"] = float(r.max())
+        rows.append(row)
+    return rows
 
 
 def _null_info(null: Any, stats: np.ndarray, cfg: CalibrationConfig) -> dict[str, Any]:
@@ -440,6 +494,7 @@ def _manifest_fields(
             "p_value": "gaussian: 1 - Phi((d - mu)/sigma); empirical: (1 + #{d_i >= d})/(n + 1)",
             "flag": "p < alpha"
             + (" (p combined with the start detector's)" if cfg.start_detector else "")
+            + (" (p combined with the range detector's)" if cfg.range_detector else "")
             + (" or argmax g != argmax g(.;Z)" if cfg.flag_on_disagreement else ""),
             "correction": "argmax_{k != c} g_k(x;Z)",
         },

@@ -202,6 +202,7 @@ def _markdown(report: Mapping[str, Any], figures: Sequence[str]) -> str:
     lines += _md_split(report)
     lines += _md_null(report)
     lines += _md_start_detector(report)
+    lines += _md_range_detector(report)
     lines += _md_classes(report)
     lines += _md_bounds(report)
     lines += _md_key_values("Configuration", report.get("config") or {}, _cell)
@@ -344,11 +345,47 @@ def _md_start_detector(report: Mapping[str, Any]) -> list[str]:
         "",
         "A second statistic, d under the bounds as MMAC's iteration "
         f"{_cell(start.get('bounds_from_iteration'))} left them (each channel near its largest "
-        "clean activation), served as a third network. The guard flags when either statistic's "
-        "p-value is below alpha / 2 and corrects with the learned bounds; the held-out "
-        "false-positive rates above are the combined rule's.",
+        "clean activation), served as a third network. The guard flags when any statistic's "
+        "p-value is below alpha / m (m statistics in all) and corrects with the learned bounds; "
+        "the held-out false-positive rates above are the combined rule's.",
         "",
         *_table(["Parameter", "Value"], rows),
+        "",
+    ]
+
+
+def _md_range_detector(report: Mapping[str, Any]) -> list[str]:
+    """The range detector's null and per-site figures (`--range-detector`)."""
+    ranged = report.get("range_detector")
+    if not ranged:
+        return []
+    sites = ranged.get("sites") or []
+    site_rows = [
+        [
+            _cell(row.get("site")),
+            _cell(row.get("channels")),
+            _cell(row.get("inactive_channels")),
+            _cell(row.get("heldout_ratio_median")),
+            _cell(row.get("heldout_ratio_max")),
+        ]
+        for row in sites
+    ]
+    return [
+        "## Range detector",
+        "",
+        "A statistic read off the original network's own forward pass (its output "
+        f"`{_cell(ranged.get('output'))}`): per bound site, the largest activation relative to "
+        "its channel's largest on the clean learning images; the statistic is the largest over "
+        "the sites. The guard flags when any statistic's p-value is below alpha / m (m "
+        "statistics in all) and corrects with the learned bounds; the held-out false-positive "
+        "rates above are the combined rule's.",
+        "",
+        *_table(["Parameter", "Value"], _null_rows(ranged.get("null", {}))),
+        "",
+        *_table(
+            ["Site", "Channels", "Inactive on clean", "Held-out ratio, median", "max"],
+            site_rows,
+        ),
         "",
     ]
 

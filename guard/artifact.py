@@ -1,10 +1,12 @@
 """The calibration artifact as the guard sees it: manifest.json plus two ONNX files (three with a
 start detector), verified.
 
-Calibration writes schema 1 for the two-network artifact and schema 2 when it adds the start
-detector (`files.start` and `start_detector.null`), so a guard that only knows schema 1 refuses
-it instead of serving it without its second statistic. The guard refuses an artifact whose
-schema it does not know or whose files do not match their recorded sha256.
+Calibration writes schema 1 for the two-network artifact, schema 2 when it adds the start
+detector (`files.start` and `start_detector.null`) and schema 3 when it adds the range detector
+(`range_detector.output`, a second output of original.onnx, and `range_detector.null`; with or
+without a start detector), so a guard that only knows an older schema refuses it instead of
+serving it without one of its statistics. The guard refuses an artifact whose schema it does not
+know or whose files do not match their recorded sha256.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from guard.mmdf import DecisionRule, Null, StartDetector
+from guard.mmdf import DecisionRule, Null, RangeDetector, StartDetector
 
 MANIFEST_SCHEMA_VERSION = 1
 START_SCHEMA_VERSION = 2  # schema 1 plus the start detector
-SCHEMA_VERSIONS = (MANIFEST_SCHEMA_VERSION, START_SCHEMA_VERSION)
+RANGE_SCHEMA_VERSION = 3  # schema 1 or 2 plus the range detector
+SCHEMA_VERSIONS = (MANIFEST_SCHEMA_VERSION, START_SCHEMA_VERSION, RANGE_SCHEMA_VERSION)
 MANIFEST_NAME = "manifest.json"
 NETWORK_FILES = {"original": "original.onnx", "bounded": "bounded.onnx"}
 START_FILE = ("start", "start.onnx")  # the start detector's network, schema 2 only
@@ -63,12 +66,21 @@ class Artifact:
     # the start detector (schema 2): its network and its statistic's null, else None
     start_path: Path | None = None
     start_null: Null | None = None
+    # the range detector (schema 3): the original network's second output and its null
+    range_output: str | None = None
+    range_null: Null | None = None
 
     def start_detector(self, logits: np.ndarray | None) -> StartDetector | None:
         """The start detector on these start-bounded logits; None without one."""
         if logits is None or self.start_null is None:
             return None
         return StartDetector(logits, self.start_null)
+
+    def range_detector(self, ratios: np.ndarray | None) -> RangeDetector | None:
+        """The range detector on these activation ratios; None without one."""
+        if ratios is None or self.range_null is None:
+            return None
+        return RangeDetector(ratios, self.range_null)
 
 
 def _require(manifest: dict[str, Any], *keys: str) -> Any:
@@ -96,8 +108,11 @@ def load_artifact(root: Path, verify_hashes: bool = True) -> Artifact:
             f"manifest schema_version {version!r} is not supported "
             f"(this guard reads {', '.join(map(str, SCHEMA_VERSIONS))})"
         )
+    has_start = version == START_SCHEMA_VERSION or (
+        version == RANGE_SCHEMA_VERSION and "start_detector" in manifest
+    )
     roles = dict(NETWORK_FILES)
-    if version == START_SCHEMA_VERSION:
+    if has_start:
         roles[START_FILE[0]] = START_FILE[1]
     paths = {}
     for role, default in roles.items():
@@ -123,8 +138,12 @@ def load_artifact(root: Path, verify_hashes: bool = True) -> Artifact:
         )
         null = Null.from_dict(_require(manifest, "null"))
         start_null = None
-        if version == START_SCHEMA_VERSION:
+        if has_start:
             start_null = Null.from_dict(_require(manifest, "start_detector", "null"))
+        range_output, range_null = None, None
+        if version == RANGE_SCHEMA_VERSION:
+            range_output = str(_require(manifest, "range_detector", "output"))
+            range_null = Null.from_dict(_require(manifest, "range_detector", "null"))
         decision = _require(manifest, "decision")
         rule = DecisionRule(
             alpha=float(decision["alpha"]),
@@ -145,4 +164,6 @@ def load_artifact(root: Path, verify_hashes: bool = True) -> Artifact:
         rule=rule,
         start_path=paths.get(START_FILE[0]),
         start_null=start_null,
+        range_output=range_output,
+        range_null=range_null,
     )

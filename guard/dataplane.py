@@ -25,6 +25,7 @@ import numpy as np
 from guard.artifact import Artifact
 from guard.batcher import Batcher
 from guard.config import ServeConfig
+from guard.engine import Outputs
 from guard.errors import GuardError, InferenceFailed, ModelNotFound, NotReady
 from guard.metrics import GuardMetrics
 from guard.mmdf import DecisionRule, Decisions, decide
@@ -57,7 +58,7 @@ class Engine(Protocol):
 
     providers: list[str]
 
-    def logits(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]: ...
+    def logits(self, x: np.ndarray) -> Outputs: ...
 
     def original_logits(self, x: np.ndarray) -> np.ndarray: ...
 
@@ -199,6 +200,7 @@ class DataPlane:
             "mode": self.config.mode,
             "null": a.null.kind,
             "start_detector": "none" if a.start_null is None else a.start_null.kind,
+            "range_detector": "none" if a.range_null is None else a.range_null.kind,
             "max_batch_size": str(self.config.batching.max_batch_size),
             "provider": self.engine.providers[0],
             "model_sha256": str(a.manifest["files"]["original"]["sha256"]),
@@ -255,11 +257,11 @@ class DataPlane:
         """The artifact's networks (two, or three with a start detector), then MMDF, on one
         batch (runs on an executor thread); the original network alone in mode unguarded."""
         t0 = self._clock()
-        start = None
+        start = ratios = None
         if self.config.mode == "unguarded":
             original = bounded = self.engine.original_logits(x)
         else:
-            original, bounded, start = self.engine.logits(x)
+            original, bounded, start, ratios = self.engine.logits(x)
         t1 = self._clock()
         expected = (len(x), len(self.artifact.class_names))
         shapes = [a.shape for a in (original, bounded, start) if a is not None]
@@ -268,11 +270,17 @@ class DataPlane:
                 f"the networks returned logits of shapes {', '.join(map(str, shapes))}; "
                 f"expected {expected}"
             )
+        if ratios is not None and (ratios.ndim != 2 or ratios.shape[0] != len(x)):
+            raise InferenceFailed(
+                f"the original network returned activation ratios of shape {ratios.shape}; "
+                f"expected ({len(x)}, sites)"
+            )
         if self.config.mode == "unguarded":
             decisions = unguarded(original)
         else:
-            detector = self.artifact.start_detector(start)
-            decisions = decide(original, bounded, self.artifact.null, self.rule, detector)
+            a = self.artifact
+            detectors = (a.start_detector(start), a.range_detector(ratios))
+            decisions = decide(original, bounded, a.null, self.rule, *detectors)
         if observe:
             self.metrics.on_stage("inference", t1 - t0)
             self.metrics.on_stage("decision", self._clock() - t1)

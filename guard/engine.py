@@ -1,10 +1,10 @@
 """An artifact's networks in onnxruntime (original, bounded, and the start detector's when the
-artifact has one), and the MMDF decision over their logits."""
+artifact has one), and the MMDF decision over their outputs."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -14,6 +14,15 @@ from guard.mmdf import Decisions, decide
 Device = Literal["auto", "cpu", "cuda"]
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+
+
+class Outputs(NamedTuple):
+    """What the networks return for one batch."""
+
+    original: np.ndarray  # [N, K] logits
+    bounded: np.ndarray  # [N, K]
+    start: np.ndarray | None  # [N, K], with a start detector
+    ratios: np.ndarray | None  # [N, S]: the original's activation ratios, with a range detector
 
 
 class EngineError(Exception):
@@ -91,12 +100,16 @@ class GuardEngine:
                 x = np.concatenate([x, pad])
         return {self.artifact.input.name: x}
 
-    def logits(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """Original, bounded and start-bounded logits (None without a start detector) for a
-        float32 batch [N, C, H, W] in pixel space."""
+    def logits(self, x: np.ndarray) -> Outputs:
+        """Original, bounded and start-bounded logits (None without a start detector) and the
+        original's activation ratios (None without a range detector, whose ratios come from
+        the same run as the original logits) for a float32 batch [N, C, H, W] in pixel space."""
         n, feed, out = len(x), self._feed(x), self.artifact.output_name
-        runs = [s.run([out], feed)[0][:n] for s in self._sessions]
-        return runs[0], runs[1], runs[2] if len(runs) > 2 else None
+        first = [out] if self.artifact.range_output is None else [out, self.artifact.range_output]
+        original = self._sessions[0].run(first, feed)
+        runs = [s.run([out], feed)[0][:n] for s in self._sessions[1:]]
+        ratios = original[1][:n] if len(original) > 1 else None
+        return Outputs(original[0][:n], runs[0], runs[1] if len(runs) > 1 else None, ratios)
 
     def original_logits(self, x: np.ndarray) -> np.ndarray:
         """The original network's logits alone (the unguarded baseline)."""
@@ -104,6 +117,13 @@ class GuardEngine:
         return self._sessions[0].run([self.artifact.output_name], feed)[0][:n]
 
     def decide(self, x: np.ndarray) -> Decisions:
-        original, bounded, start = self.logits(x)
+        o = self.logits(x)
         a = self.artifact
-        return decide(original, bounded, a.null, a.rule, a.start_detector(start))
+        return decide(
+            o.original,
+            o.bounded,
+            a.null,
+            a.rule,
+            a.start_detector(o.start),
+            a.range_detector(o.ratios),
+        )

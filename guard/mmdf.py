@@ -385,6 +385,28 @@ def bonferroni(*p: np.ndarray) -> np.ndarray:
     return np.minimum(1.0, len(p) * stacked.min(axis=0))
 
 
+def range_statistic(ratios: np.ndarray) -> np.ndarray:
+    """The range detector's statistic: the largest, over the bound sites, of an input's
+    activation relative to its channel's largest on the clean learning images. `ratios` [N, S]
+    holds, per site, max over channels (and positions) of activation / clean maximum, as the
+    range detector's output of the original network computes it (channels never active on
+    the clean images count 0). Returns float64 [N]."""
+    r = np.asarray(ratios, dtype=np.float64)
+    if r.ndim != 2 or r.shape[1] < 1:
+        raise ValueError(f"activation ratios must have shape (N, sites >= 1), got {r.shape}")
+    return r.max(axis=1)
+
+
+@dataclass(frozen=True)
+class RangeDetector:
+    """A detection statistic read off the original network's own forward pass (no extra
+    network): :func:`range_statistic`, with its own null. Combined with the other p-values by
+    :func:`bonferroni`; corrections still come from the learned bounds."""
+
+    ratios: np.ndarray  # float [N, S]: the original network's activation ratios per bound site
+    null: Null
+
+
 @dataclass(frozen=True)
 class StartDetector:
     """A second statistic for detection only: d(x) under the start bounds (each channel near its
@@ -401,19 +423,25 @@ def decide(
     null: Null,
     rule: DecisionRule,
     start: StartDetector | None = None,
+    range_detector: RangeDetector | None = None,
 ) -> Decisions:
     """SPEC 4.1-4.5: unflagged inputs keep the original decision and logits; flagged ones get
     argmax_{k != c} g_k(x; Z), the bounded network's best class other than the original one.
 
-    With a start detector, p is the Bonferroni combination of the two statistics' p-values (the
-    statistic reported stays the learned bounds' d)."""
+    With a start and/or a range detector, p is the Bonferroni combination of all the
+    statistics' p-values (the statistic reported stays the learned bounds' d)."""
     g = np.asarray(original_logits, dtype=np.float32)
     gz = np.asarray(bounded_logits, dtype=np.float32)
     d = statistic(g, gz)
     p = p_values(null, d)
+    others = []
     if start is not None:
         d_start = statistic(g, np.asarray(start.logits, dtype=np.float32))
-        p = bonferroni(p, p_values(start.null, d_start))
+        others.append(p_values(start.null, d_start))
+    if range_detector is not None:
+        others.append(p_values(range_detector.null, range_statistic(range_detector.ratios)))
+    if others:
+        p = bonferroni(p, *others)
     c = np.argmax(g, axis=1).astype(np.int64)
     cz = np.argmax(gz, axis=1).astype(np.int64)
     flagged = p < rule.alpha

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from guard.artifact import Artifact
 from guard.config import BatchingConfig, ServeConfig
+from guard.engine import Outputs
 from guard.server import EngineFactory, GuardServer, create_server, default_engine
 
 
@@ -117,7 +118,7 @@ class GatedEngine:
         while self.entered.acquire(blocking=False):
             pass
 
-    def logits(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def logits(self, x: np.ndarray) -> Outputs:
         self.batches.append(len(x))
         self.entered.release()
         if not self.gate.wait(timeout=30):

@@ -135,7 +135,7 @@ def test_tampered_original_file(tmp_path: Path) -> None:
         load_artifact(root)
 
 
-@pytest.mark.parametrize("version", [3, 0, "1", "2", None])
+@pytest.mark.parametrize("version", [4, 0, "1", "3", None])
 def test_unknown_schema_version(tmp_path: Path, version: Any) -> None:
     root = _make(tmp_path / "art")
     _edit_manifest(root, schema_version=version)

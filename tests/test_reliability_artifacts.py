@@ -90,7 +90,7 @@ DAMAGE: list[tuple[str, Callable[[Path], object], tuple[str, ...]]] = [
      ("manifest.json", "not valid JSON")),
     ("manifest-missing", lambda a: (a / "manifest.json").unlink(),
      ("manifest.json", "does not exist")),
-    ("schema-version-unknown", _schema(3), ("schema_version 3", "not supported")),
+    ("schema-version-unknown", _schema(4), ("schema_version 4", "not supported")),
     ("schema-version-zero", _schema(0), ("schema_version 0", "not supported")),
     ("schema-version-a-string", _schema("1"), ("schema_version '1'", "not supported")),
     ("schema-version-missing", _no_schema, ("schema_version",)),

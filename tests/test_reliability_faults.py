@@ -44,6 +44,7 @@ from benchmarks.reliability import (
     read_records,
 )
 from guard.artifact import Artifact
+from guard.engine import Outputs
 from guard.process import ServerProcess, serve_command
 from tests.conftest import Samples
 from tests.helpers import run_cli
@@ -164,7 +165,7 @@ class SlowEngine:
         self._engine = GuardEngine(artifact, device, threads)
         self.providers = self._engine.providers
 
-    def logits(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def logits(self, x: np.ndarray) -> Outputs:
         time.sleep(0.02)
         return self._engine.logits(x)
 

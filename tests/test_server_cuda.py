@@ -48,7 +48,7 @@ def test_engine_runs_both_networks_on_the_gpu(artifact_dir: Path, samples: Sampl
     assert gpu.device == "cuda" and gpu.providers[0] == CUDA
     assert all(s.get_providers()[0] == CUDA for s in gpu._sessions)
     x = np.concatenate([samples.triggered, samples.clean])
-    (go, gb, _), (co, cb, _) = gpu.logits(x), cpu.logits(x)
+    (go, gb, *_), (co, cb, *_) = gpu.logits(x), cpu.logits(x)
     np.testing.assert_allclose(go, co, rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(gb, cb, rtol=1e-3, atol=1e-3)
     g, c = gpu.decide(x), cpu.decide(x)
@@ -71,7 +71,7 @@ def test_cuda_padding_leaves_the_answers_unchanged(artifact_dir: Path, samples: 
     padded.logits(x)
     assert padded._feed(x[:2])[art.input.name].shape[0] == len(x)
     for n in (1, 3, len(x)):
-        (po, pb, _), (qo, qb, _) = padded.logits(x[:n]), plain.logits(x[:n])
+        (po, pb, *_), (qo, qb, *_) = padded.logits(x[:n]), plain.logits(x[:n])
         assert po.shape == qo.shape == (n, qo.shape[1])
         np.testing.assert_allclose(po, qo, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(pb, qb, rtol=1e-5, atol=1e-5)

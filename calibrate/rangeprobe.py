@@ -1,0 +1,93 @@
+"""The range detector's network: the original network with one more output, per bound site the
+largest activation relative to its channel's largest on the clean learning images.
+
+It is the original network (no bound is applied), traced at the same call sites as the bounded
+network, so the guard reads the ratios off the forward pass it runs anyway. The statistic over
+them (`guard.mmdf.range_statistic`) and its null live in the torch-free guard code.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx, nn
+
+from calibrate.bounded import BoundedNetwork
+from calibrate.errors import CalibrationError
+
+RATIO_OUTPUT = "activation_ratio"
+
+
+class SiteRatio(nn.Module):
+    """[N, C, ...] activation -> [N]: max over channels and positions of a / u_c, where u_c is
+    the channel's clean maximum. A channel never active on the clean images (u_c = 0) counts 0:
+    it has no clean range to leave, and the bounded network already holds it at 0."""
+
+    def __init__(self, clean_max: torch.Tensor) -> None:
+        super().__init__()
+        u = clean_max.detach().float()
+        self.inv_scale: torch.Tensor
+        self.register_buffer("inv_scale", torch.where(u > 0, 1.0 / u, torch.zeros_like(u)))
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        per_channel = a.flatten(2).amax(dim=2) if a.dim() > 2 else a
+        return (per_channel * self.inv_scale).amax(dim=1)
+
+
+def clean_maxima(net: BoundedNetwork, images: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Per site, each channel's largest activation over `images` in the ORIGINAL network (the
+    bounds are lifted while recording and restored afterwards)."""
+    saved = [b.detach().clone() for b in net.bounds()]
+    try:
+        with torch.no_grad():
+            for b in net.bounds():
+                b.fill_(float("inf"))
+            with net.recording():
+                for i in range(0, images.shape[0], batch_size):
+                    net(images[i : i + batch_size])
+            return [m.observed_max.clone() for m in net.bound_modules()]
+    finally:
+        with torch.no_grad():
+            for b, value in zip(net.bounds(), saved, strict=True):
+                b.copy_(value)
+
+
+class RangeNetwork(nn.Module):
+    """The original network returning (logits [N, K], activation ratios [N, S])."""
+
+    def __init__(self, net: BoundedNetwork, maxima: list[torch.Tensor]) -> None:
+        super().__init__()
+        if len(maxima) != len(net.sites):
+            raise CalibrationError(f"{len(maxima)} clean maxima for {len(net.sites)} bound sites")
+        gm: fx.GraphModule = copy.deepcopy(net.net)
+        graph = gm.graph
+        calls = {n.target: n for n in graph.nodes if n.op == "call_module"}
+        ratios = []
+        for site, u in zip(net.sites, maxima, strict=True):
+            node = calls[site.name]
+            activation = node.args[0]
+            gm.add_submodule(f"ratio_{site.name}", SiteRatio(u))
+            with graph.inserting_after(node):
+                ratios.append(graph.call_module(f"ratio_{site.name}", (activation,)))
+            node.replace_all_uses_with(activation)  # the original network: no bound
+            graph.erase_node(node)
+            gm.delete_submodule(site.name)
+        output = next(n for n in graph.nodes if n.op == "output")
+        with graph.inserting_before(output):
+            stacked = graph.call_function(torch.stack, (ratios, 1))
+        output.args = ((output.args[0], stacked),)
+        graph.lint()
+        gm.recompile()
+        self.net = gm
+        self.sites = net.sites
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, ratios = self.net(x)
+        return logits, ratios
+
+    @torch.no_grad()
+    def ratios(self, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """The activation ratios [N, S] of `x`, in chunks."""
+        return torch.cat([self(x[i : i + batch_size])[1] for i in range(0, len(x), batch_size)])

@@ -1,0 +1,294 @@
+"""The range detector (`mmguard calibrate --range-detector`): per bound site, how far the original
+network's activations leave their clean range, read off the original network's own forward pass
+(a second output of original.onnx), with its own null and the guard's Bonferroni combination,
+from the pure statistic through calibration and the artifact to a real server answering
+tritonclient."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from guard.mmdf import (
+    DecisionRule,
+    Null,
+    RangeDetector,
+    StartDetector,
+    decide,
+    p_values,
+    range_statistic,
+    statistic,
+)
+from tests.test_cli import _calibrate_tiny
+from tests.test_start_detector import SMALL, _clean, _infer, _poisoned
+
+ITERS = ("--max-iters", "4", "--min-iters", "2")
+
+# --- the pure statistic and rule -----------------------------------------------------------
+
+
+def test_range_statistic_is_the_largest_ratio_over_the_sites() -> None:
+    ratios = np.array([[0.5, 0.75, 0.25], [2.5, 0.125, 1.0], [0.0, 0.0, 0.0]], dtype=np.float32)
+    np.testing.assert_array_equal(range_statistic(ratios), [0.75, 2.5, 0.0])
+    assert range_statistic(ratios).dtype == np.float64
+    for bad in (np.zeros(3), np.zeros((2, 0)), np.zeros((2, 2, 2))):
+        with pytest.raises(ValueError, match="activation ratios must have shape"):
+            range_statistic(bad)
+
+
+def _null(mu: float = 0.0, sigma: float = 1.0) -> Null:
+    return Null(kind="gaussian", mu=mu, sigma=sigma)
+
+
+def test_decide_flags_on_the_range_statistic_at_alpha_over_m() -> None:
+    # three inputs, three classes; the original says class 0 with margin 4, the learned bounds
+    # take nothing off (d = 0) and their best other class is 2
+    g = np.array([[4.0, 0.0, 0.0]] * 3, dtype=np.float32)
+    gz = np.array([[4.0, 0.0, 0.5]] * 3, dtype=np.float32)
+    # range statistic under N(1, 0.1): input 0 at 30 sigma (flagged), input 1 at z = 2.7
+    # (p = 0.0035: below alpha, not below alpha / 2), input 2 in range
+    ratios = np.array([[0.8, 4.0], [1.27, 0.5], [0.9, 1.0]], dtype=np.float32)
+    rule = DecisionRule(alpha=0.005)
+    d = decide(g, gz, _null(), rule, None, RangeDetector(ratios, _null(1.0, 0.1)))
+    assert d.flagged.tolist() == [True, False, False]
+    p_range = p_values(_null(1.0, 0.1), range_statistic(ratios))
+    expected = np.minimum(1, 2 * np.minimum(p_values(_null(), statistic(g, gz)), p_range))
+    np.testing.assert_allclose(d.p_value, expected)
+    assert d.label.tolist() == [2, 0, 0]  # corrected with the learned bounds
+    np.testing.assert_array_equal(d.statistic, statistic(g, gz))  # the learned bounds' d
+    # with a start detector too, each test is at alpha / 3: input 0 still flagged by range
+    gs = np.array([[4.0, 0.0, 0.0], [1.2, 0.0, 0.0], [4.0, 0.0, 0.0]], dtype=np.float32)
+    three = decide(
+        g, gz, _null(), rule, StartDetector(gs, _null()), RangeDetector(ratios, _null(1.0, 0.1))
+    )
+    p_start = p_values(_null(), statistic(g, gs))  # input 1: d = 2.8, p = 0.00256 > 0.005 / 3
+    np.testing.assert_allclose(
+        three.p_value,
+        np.minimum(1, 3 * np.minimum(np.minimum(p_values(_null(), statistic(g, gz)), p_start),
+                                     p_range)),
+    )  # fmt: skip
+    assert three.flagged.tolist() == [True, False, False]
+
+
+# --- the network ---------------------------------------------------------------------------
+
+
+def test_site_ratio_known_values() -> None:
+    from calibrate.rangeprobe import SiteRatio
+
+    # 2 inputs, 3 channels, 2x2 positions; clean maxima 2, 4 and 0 (channel 2 never active)
+    a = torch.zeros(2, 3, 2, 2)
+    a[0, 0, 1, 1], a[0, 1, 0, 0], a[0, 2, 0, 1] = 1.0, 6.0, 9.0  # 0.5, 1.5, ignored
+    a[1, 0, 0, 0], a[1, 1, 1, 0] = 3.0, 2.0  # 1.5, 0.5
+    site = SiteRatio(torch.tensor([2.0, 4.0, 0.0]))
+    np.testing.assert_allclose(site(a).numpy(), [1.5, 1.5])
+    # a linear site: one value per neuron
+    lin = SiteRatio(torch.tensor([1.0, 10.0]))
+    np.testing.assert_allclose(lin(torch.tensor([[0.5, 20.0], [3.0, 1.0]])).numpy(), [2.0, 3.0])
+
+
+def _tiny_network() -> tuple[torch.nn.Module, torch.Tensor]:
+    from calibrate.modelsrc import ModelSource, load_model
+    from tests.conftest import TINY
+
+    model = load_model(
+        ModelSource(factory="calibrate.synthetic:small_cnn", weights=TINY / "model.pt"), 4
+    )
+    x, _ = _clean()
+    return model.eval(), torch.from_numpy(x)
+
+
+def test_the_range_network_is_the_original_with_its_ratios() -> None:
+    from calibrate.bounded import BoundedNetwork
+    from calibrate.rangeprobe import RangeNetwork, clean_maxima
+
+    model, x = _tiny_network()
+    net = BoundedNetwork(model, x[:2])
+    net.init_bounds("max", x[:60])
+    before = [b.detach().clone() for b in net.bounds()]
+    with torch.no_grad():  # lower one bound so the bounded network differs from the original
+        net.bounds()[0].mul_(0.5)
+    lowered = [b.detach().clone() for b in net.bounds()]
+    maxima = clean_maxima(net, x[:60], batch_size=16)
+    for b, want in zip(net.bounds(), lowered, strict=True):  # restored after recording
+        torch.testing.assert_close(b.detach(), want)
+    # the original network's maxima, not the bounded one's: equal to the "max" start bounds
+    for u, b0 in zip(maxima, before, strict=True):
+        torch.testing.assert_close(u, b0)
+    ranged = RangeNetwork(net, maxima)
+    with torch.no_grad():
+        logits, ratios = ranged(x)
+        torch.testing.assert_close(logits, model(x))
+    assert ratios.shape == (len(x), len(net.sites))
+    learn = ranged.ratios(x[:60], batch_size=16).numpy()
+    assert learn.max() <= 1.0 + 1e-6  # no learning image leaves its own range
+    assert np.allclose(learn.max(axis=0), 1.0, atol=1e-6)  # and some image sets each maximum
+    poisoned = ranged.ratios(torch.from_numpy(_poisoned()), batch_size=16).numpy()
+    assert range_statistic(poisoned).min() > range_statistic(learn).max()
+
+
+# --- calibration and serving ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def range_artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
+    out = tmp_path_factory.mktemp("range") / "art"
+    manifest, report = _calibrate_tiny(out, "--range-detector", *SMALL, *ITERS)
+    return out, manifest, report
+
+
+@pytest.mark.slow
+def test_the_artifact_carries_the_ratios_output_and_its_null(
+    range_artifact: tuple[Path, dict, dict], tmp_path: Path
+) -> None:
+    import onnxruntime as ort
+
+    from guard.artifact import RANGE_SCHEMA_VERSION, load_artifact
+
+    out, manifest, report = range_artifact
+    assert manifest["schema_version"] == RANGE_SCHEMA_VERSION
+    assert set(manifest["files"]) == {"original", "bounded"}  # no third network
+    ranged = manifest["range_detector"]
+    assert ranged["output"] == "activation_ratio" and ranged["sites"] == len(report["bounds"])
+    assert ranged["null"]["kind"] == "gpd" and ranged["null"]["n"] == 108
+    assert report["null"]["level"] == 0.0025  # each of the two statistics at alpha / 2
+    assert report["range_detector"]["null"]["level"] == 0.0025
+    assert len(report["range_detector"]["clean_statistics"]) == 108
+    assert len(report["range_detector"]["sites"]) == ranged["sites"]
+    sess = ort.InferenceSession(str(out / "original.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in sess.get_outputs()] == ["logits", "activation_ratio"]
+    art = load_artifact(out)
+    assert art.range_output == "activation_ratio" and art.range_null is not None
+    assert "## Range detector" in (out / "report.md").read_text()
+    # the learned bounds are a plain calibration's: the range detector only adds a test
+    plain, _ = _calibrate_tiny(tmp_path / "plain", *SMALL, *ITERS)
+    assert manifest["files"]["bounded"]["sha256"] == plain["files"]["bounded"]["sha256"]
+    assert manifest["files"]["original"]["sha256"] != plain["files"]["original"]["sha256"]
+
+
+@pytest.mark.slow
+def test_the_guard_combines_the_range_p_value(range_artifact: tuple[Path, dict, dict]) -> None:
+    from guard.artifact import load_artifact
+    from guard.engine import GuardEngine
+
+    art = load_artifact(range_artifact[0])
+    engine = GuardEngine(art, "cpu", threads=1)
+    x = np.concatenate([_poisoned(), _clean()[0]])
+    out = engine.logits(x)
+    assert out.start is None and out.ratios is not None and art.range_null is not None
+    assert out.ratios.shape == (len(x), range_artifact[1]["range_detector"]["sites"])
+    p_learned = p_values(art.null, statistic(out.original, out.bounded))
+    p_range = p_values(art.range_null, range_statistic(out.ratios))
+    d = engine.decide(x)
+    np.testing.assert_allclose(d.p_value, np.minimum(1, 2 * np.minimum(p_learned, p_range)))
+    flagged = (p_learned < art.rule.alpha / 2) | (p_range < art.rule.alpha / 2)
+    assert d.flagged.tolist() == flagged.tolist()
+    assert d.flagged[: len(_poisoned())].all() and not d.flagged[len(_poisoned()) :].any()
+    np.testing.assert_array_equal(engine.original_logits(x), out.original)
+
+
+@pytest.mark.slow
+def test_a_real_server_serves_the_range_detector(range_artifact: tuple[Path, dict, dict]) -> None:
+    import grpc
+
+    from guard._proto import grpc_predict_v2_pb2 as pb
+    from guard._proto import grpc_predict_v2_pb2_grpc as pb_grpc
+    from guard.artifact import load_artifact
+    from guard.engine import GuardEngine
+    from tests.serving import running, serve_config
+
+    out = range_artifact[0]
+    x = np.concatenate([_poisoned()[:4], _clean()[0][:4]])
+    expected = GuardEngine(load_artifact(out), "cpu", threads=1).decide(x)
+    assert expected.flagged.any() and not expected.flagged.all()
+    with running(serve_config(out)) as srv:
+        channel = grpc.insecure_channel(srv.url)
+        try:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            md = stub.ModelMetadata(pb.ModelMetadataRequest(name="art"), timeout=30)
+        finally:
+            channel.close()
+        assert md.properties["range_detector"] == "gpd"
+        assert md.properties["start_detector"] == "none"
+        res = _infer(srv.url, x)
+    assert res.as_numpy("flagged").tolist() == expected.flagged.tolist()
+    assert res.as_numpy("label").tolist() == expected.label.tolist()
+    np.testing.assert_allclose(res.as_numpy("p_value"), expected.p_value, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_range_and_start_detectors_together(tmp_path: Path) -> None:
+    from guard.artifact import RANGE_SCHEMA_VERSION, load_artifact
+    from guard.engine import GuardEngine
+
+    out = tmp_path / "art"
+    manifest, report = _calibrate_tiny(out, "--range-detector", "--start-detector", *SMALL, *ITERS)
+    assert manifest["schema_version"] == RANGE_SCHEMA_VERSION
+    assert set(manifest["files"]) == {"original", "bounded", "start"}
+    assert report["null"]["level"] == pytest.approx(0.005 / 3)
+    art = load_artifact(out)
+    assert art.start_null is not None and art.range_null is not None
+    engine = GuardEngine(art, "cpu", threads=1)
+    x = np.concatenate([_poisoned(), _clean()[0]])
+    o = engine.logits(x)
+    assert o.start is not None and o.ratios is not None
+    ps = [
+        p_values(art.null, statistic(o.original, o.bounded)),
+        p_values(art.start_null, statistic(o.original, o.start)),
+        p_values(art.range_null, range_statistic(o.ratios)),
+    ]
+    np.testing.assert_allclose(engine.decide(x).p_value, np.minimum(1, 3 * np.min(ps, axis=0)))
+
+
+# --- the artifact's checks (its null-size refusal: tests/test_start_detector.py) ------------
+
+
+@pytest.fixture()
+def range_copy(range_artifact: tuple[Path, dict, dict], tmp_path: Path) -> Iterator[Path]:
+    copy = tmp_path / "copy"
+    shutil.copytree(range_artifact[0], copy)
+    yield copy
+
+
+@pytest.mark.slow
+def test_schema_3_without_its_range_parts_is_refused(range_copy: Path) -> None:
+    from guard.artifact import ArtifactError, load_artifact
+
+    path = range_copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["range_detector"]["output"]
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"range_detector\.output"):
+        load_artifact(range_copy)
+    manifest.pop("range_detector")
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"range_detector"):
+        load_artifact(range_copy)
+
+
+def test_the_reports_false_positive_rate_counts_the_range_flags() -> None:
+    """heldout_figures with the range detector's ratios counts its flags too (cross-fitted)."""
+    from calibrate.config import CalibrationConfig
+    from calibrate.evaluation import cross_fitted_decisions, heldout_figures
+
+    rng = np.random.default_rng(0)
+    n, k = 400, 3
+    g = np.zeros((n, k), dtype=np.float32)
+    g[:, 0] = 5.0
+    gz = g.copy()
+    gz[:, 0] -= rng.normal(1.0, 0.1, n).astype(np.float32)  # learned bounds: d ~ N(1, 0.1)
+    ratios = rng.normal(0.9, 0.05, (n, 4)).astype(np.float32)
+    ratios[:8, 2] = 5.0  # eight images far outside the clean range at one site
+    y = np.zeros(n, dtype=np.int64)
+    cfg = CalibrationConfig(null="gaussian", range_null="gaussian", range_detector=True)
+    _, flagged = cross_fitted_decisions(g, gz, cfg, False, None, ratios)
+    _, flagged_alone = cross_fitted_decisions(g, gz, cfg, False)
+    assert flagged[:8].all() and not flagged_alone[:8].any()
+    both = heldout_figures(g, gz, y, cfg, None, ratios)
+    assert both["false_positive_rate"] == flagged.mean() >= 8 / n
