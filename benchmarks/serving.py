@@ -172,6 +172,12 @@ def bounded_cost(artifact: Any, threads: int, rounds: int, seed: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         paths["floor"] = Path(tmp) / "floor.onnx"
         onnx.save(floor, str(paths["floor"]))
+        if artifact.range_output is not None:  # the original without the range detector's output
+            paths["plain"] = Path(tmp) / "plain.onnx"
+            onnx.utils.extract_model(
+                str(artifact.original_path), str(paths["plain"]), [artifact.input.name],
+                [artifact.output_name],
+            )  # fmt: skip
         sessions = {g: session(p, threads) for g, p in paths.items()}
     out: dict[str, Any] = {"floor_identity_nodes": added}
     for batch, iters in ((1, 25), (64, 3)):
@@ -189,6 +195,8 @@ def bounded_cost(artifact: Any, threads: int, rounds: int, seed: int) -> dict:
                 np.median(fastest["bounded"] / fastest["original"])
             ),
         }
+        if "plain" in med:  # what the range detector's output adds to the original network
+            out[f"batch{batch}"]["range_ratio_of_medians"] = med["original"] / med["plain"]
     return out
 
 
@@ -264,6 +272,8 @@ def ratios(results: dict, clients: list[int], max_batch: int) -> dict:
         "bounded_over_original_batch64": cost["batch64"]["ratio_of_medians"],
         "floor_over_original_batch1": cost["batch1"]["floor_ratio_of_medians"],
         "floor_over_original_batch64": cost["batch64"]["floor_ratio_of_medians"],
+        "range_output_cost_batch1": cost["batch1"].get("range_ratio_of_medians"),
+        "range_output_cost_batch64": cost["batch64"].get("range_ratio_of_medians"),
         "ceiling_server_over_in_process": ceiling,
         "cpu_ms_per_input": {
             "(b) in-process guard": b["cpu_ms"],
@@ -324,6 +334,8 @@ def report(results: dict, clients: list[int], max_batch: int) -> None:
         ("bounded_over_original_batch64", "bounded/original onnxruntime time, batch 64"),
         ("floor_over_original_batch1", "floor/original (see benchmarks.bounded_cost), batch 1"),
         ("floor_over_original_batch64", "floor/original, batch 64"),
+        ("range_output_cost_batch1", "original with/without range output, batch 1"),
+        ("range_output_cost_batch64", "original with/without range output, batch 64"),
         (
             "ceiling_server_over_in_process",
             "ceiling of (c)/(b): b_cpu / (b_cpu + bare gRPC + clients)",

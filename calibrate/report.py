@@ -303,8 +303,9 @@ _NULL_EXTRAS = (
 )
 
 
-def _null_rows(null: Mapping[str, Any]) -> list[list[str]]:
-    """A fitted null as the report shows it: parameters, sample size, level, threshold on d."""
+def _null_rows(null: Mapping[str, Any], statistic: str = "d") -> list[list[str]]:
+    """A fitted null as the report shows it: parameters, sample size, level, threshold on the
+    statistic."""
     rows = [
         ["Kind", _cell(null.get("kind"))],
         ["mu", _num(null.get("mu"))],
@@ -313,9 +314,11 @@ def _null_rows(null: Mapping[str, Any]) -> list[list[str]]:
         *[[label, _num(null[key])] for key, label in _NULL_EXTRAS if key in null],
         ["alpha", _num(null.get("alpha"))],
     ]
-    if null.get("level") not in (None, null.get("alpha")):  # a start detector shares alpha
-        rows.append(["Level (alpha / 2)", _num(null.get("level"))])
-    rows.append(["Threshold on d", _num(null.get("threshold"))])
+    level, alpha = null.get("level"), null.get("alpha")
+    if level not in (None, alpha):  # start and range detectors share alpha (Bonferroni)
+        m = round(alpha / level) if isinstance(alpha, (int, float)) and level else "m"
+        rows.append([f"Level (alpha / {m})", _num(level)])
+    rows.append([f"Threshold on {statistic}", _num(null.get("threshold"))])
     return rows
 
 
@@ -380,7 +383,7 @@ def _md_range_detector(report: Mapping[str, Any]) -> list[str]:
         "statistics in all) and corrects with the learned bounds; the held-out false-positive "
         "rates above are the combined rule's.",
         "",
-        *_table(["Parameter", "Value"], _null_rows(ranged.get("null", {}))),
+        *_table(["Parameter", "Value"], _null_rows(ranged.get("null", {}), "the ratio")),
         "",
         *_table(
             ["Site", "Channels", "Inactive on clean", "Held-out ratio, median", "max"],

@@ -1,0 +1,143 @@
+"""The range detector beside an artifact's learned bounds, without recalibrating: for a scored
+model whose `--range-detector` calibration would take too long here (a full-width network,
+about 40 minutes on this CPU, most of it MM-BD).
+
+The learned bounds of `mmguard calibrate --range-detector` are a plain calibration's (its
+`bounded.onnx` has the same sha256; tests/test_range_detector.py), so only the range detector's
+own parts are computed here, with the calibration pipeline's functions: the same learning
+images (the split, the seed, only those the model classifies correctly), their per-channel
+maxima in the original network, the ratios in torch and the null fitted on the same held-out
+images. The guard's decision code then combines it with the artifact's null, as `mmguard
+serve` would. Results: `.cache/bench/eval/NAME/range-offline-VARIANT.json`.
+
+    python -m benchmarks.range_offline wanetbatch_w64_e90 --variant startdet
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.evaluate import REPO_ROOT, guard_figures, guard_logits, split_test, to_float
+from benchmarks.train_models import model_name, model_paths, parse_name
+
+
+def range_parts(name: str, cache_dir: Path, art: Any) -> tuple[Any, Any]:
+    """The range network and its fitted null, as `mmguard calibrate --range-detector` builds
+    them for this model and calibration set."""
+    import torch
+
+    from benchmarks.calibrating import factory_for
+    from calibrate.bounded import BoundedNetwork
+    from calibrate.cifar_resnet import DEFAULT_WIDTH
+    from calibrate.config import CalibrationConfig
+    from calibrate.dataset import load_clean_set, split_clean_set
+    from calibrate.mitigate import batched_logits
+    from calibrate.modelsrc import ModelSource, load_model
+    from calibrate.pipeline import _fit, _learning_set
+    from calibrate.rangeprobe import RangeNetwork, clean_maxima
+    from guard.mmdf import range_statistic
+
+    cfg = CalibrationConfig(range_detector=True)
+    weights = model_paths(cache_dir, name)[0]
+    factory = factory_for(parse_name(name).width or DEFAULT_WIDTH)
+    clean = load_clean_set(cache_dir / "eval" / "calib.npz")
+    if list(clean.class_names) != list(art.class_names):
+        raise SystemExit("the calibration set's classes are not the artifact's")
+    model = load_model(ModelSource(factory=factory, weights=weights), len(clean.class_names))
+    model.eval()
+    learn, held = split_clean_set(clean, cfg.heldout_fraction, cfg.seed)
+    split = art.manifest["split"]
+    if (split["learn"], split["heldout"]) != (learn.labels.size, held.labels.size):
+        raise SystemExit("the artifact was calibrated on another split")
+    x_learn = torch.from_numpy(learn.images)
+    x_d, _, _ = _learning_set(cfg, learn, batched_logits(model, x_learn, cfg.batch_size))
+    if x_d.shape[0] != split["learn_used"]:
+        raise SystemExit("the learning images differ from the artifact's")
+    net = BoundedNetwork(model, x_d[:2])
+    ranged = RangeNetwork(net, clean_maxima(net, x_d, cfg.batch_size))
+    held_stats = range_statistic(ranged.ratios(torch.from_numpy(held.images), 256).numpy())
+    return ranged, _fit(held_stats, cfg.range_null, "range detector's ")
+
+
+def run(name: str, variant: str, cache_dir: Path, data: dict[str, np.ndarray]) -> dict:
+    import torch
+
+    from benchmarks.evalmetrics import auroc, tpr_at_fpr
+    from benchmarks.evaluate import extra_detectors
+    from guard.mmdf import p_values, range_statistic
+
+    art_dir = cache_dir / "eval" / name / ("artifact" if not variant else f"artifact-{variant}")
+    s = guard_logits(name, art_dir, data, split_test(data["y_test"]))
+    t = time.perf_counter()
+    ranged, null = range_parts(name, cache_dir, s.art)
+
+    def ratios(x: np.ndarray) -> np.ndarray:
+        return np.asarray(ranged.ratios(torch.from_numpy(to_float(x)), 250).numpy())
+
+    gr, tgr = ratios(s.x), ratios(s.tx)
+    alpha = s.art.rule.alpha
+    r_clean, r_trig = range_statistic(gr), range_statistic(tgr)
+    tpr, fpr = tpr_at_fpr(r_clean, r_trig, alpha)
+    both = guard_figures(
+        s.g, s.gz, s.y, s.tg, s.tgz, s.ty, s.attacker, s.art.null, alpha,
+        extra_detectors(None, (null, gr, tgr)),
+    )  # fmt: skip
+    res = {
+        "model": name,
+        "artifact": str(art_dir.relative_to(cache_dir)),
+        "eval_clean": len(s.y),
+        "eval_triggered": len(s.ty),
+        "undefended_clean_accuracy": float(np.mean(s.g.argmax(1) == s.y)),
+        "undefended_asr": float(np.mean(s.tg.argmax(1) == s.attacker)),
+        "learned_statistic_alone": guard_figures(
+            s.g, s.gz, s.y, s.tg, s.tgz, s.ty, s.attacker, s.art.null, alpha
+        ),
+        "learned_and_range": both,
+        "range_alone": {
+            "fpr": float(np.mean(p_values(null, r_clean) < alpha)),
+            "tpr": float(np.mean(p_values(null, r_trig) < alpha)),
+            "auroc_full": auroc(r_clean, r_trig),
+            "matched": {"tpr": tpr, "fpr": fpr},
+        },
+        "range_null": null.to_dict() | {"samples": None},
+        "seconds": round(time.perf_counter() - t, 1),
+    }
+    out = cache_dir / "eval" / name / f"range-offline-{variant or 'default'}.json"
+    out.write_text(json.dumps(res, indent=2))
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="+", type=model_name)
+    parser.add_argument("--variant", default="", help="the scored artifact's variant")
+    parser.add_argument(
+        "--data", type=Path, default=REPO_ROOT.parent / "shared" / "data" / "cifar10_jpg.tar.xz"
+    )
+    parser.add_argument("--cache-dir", type=Path, default=REPO_ROOT / ".cache" / "bench")
+    args = parser.parse_args(argv)
+    from benchmarks.cifar import load_cifar10
+
+    data = load_cifar10(args.data, args.cache_dir)
+    for name in args.names:
+        r = run(name, args.variant, args.cache_dir, data)
+        two, both = r["learned_statistic_alone"]["p"], r["learned_and_range"]["p"]
+        auc = r["range_alone"]["auroc_full"]
+        print(
+            f"{name}: guarded ASR {two['asr']:.2%} -> {both['asr']:.2%}, clean FPR "
+            f"{two['fpr']:.2%} -> {both['fpr']:.2%}, guarded clean acc "
+            f"{two['clean_accuracy']:.2%} -> {both['clean_accuracy']:.2%}; range alone AUROC "
+            f"{auc:.4f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
