@@ -42,7 +42,7 @@ def range_parts(name: str, cache_dir: Path, art: Any) -> tuple[Any, Any]:
     from calibrate.modelsrc import ModelSource, load_model
     from calibrate.pipeline import _fit, _learning_set
     from calibrate.rangeprobe import RangeNetwork, clean_maxima
-    from guard.mmdf import range_statistic
+    from guard.mmdf import RANGE_GPD_MIN_SHAPE, range_statistic
 
     cfg = CalibrationConfig(range_detector=True)
     weights = model_paths(cache_dir, name)[0]
@@ -63,7 +63,7 @@ def range_parts(name: str, cache_dir: Path, art: Any) -> tuple[Any, Any]:
     net = BoundedNetwork(model, x_d[:2])
     ranged = RangeNetwork(net, clean_maxima(net, x_d, cfg.batch_size))
     held_stats = range_statistic(ranged.ratios(torch.from_numpy(held.images), 256).numpy())
-    return ranged, _fit(held_stats, cfg.range_null, "range detector's ")
+    return ranged, _fit(held_stats, cfg.range_null, "range detector's ", RANGE_GPD_MIN_SHAPE)
 
 
 def run(name: str, variant: str, cache_dir: Path, data: dict[str, np.ndarray]) -> dict:

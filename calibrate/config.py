@@ -161,7 +161,8 @@ class CalibrationConfig:
     # (`range_null`). original.onnx gets it as a second output, so each request still costs
     # two forward passes. Combined with the other p-values by Bonferroni. Off by default.
     range_detector: bool = False
-    # its null: a body near 1 and a right tail, like the start statistic's
+    # its null: a body near 1 and a right tail, like the start statistic's; a `gpd` tail's shape
+    # is held at 0 or above (guard.mmdf.RANGE_GPD_MIN_SHAPE)
     range_null: NullKind = "gpd"
     # MMDF flags inputs with p < alpha
     alpha: float = 0.005

@@ -9,6 +9,7 @@ import numpy as np
 
 from calibrate.config import CalibrationConfig
 from guard.mmdf import (
+    RANGE_GPD_MIN_SHAPE,
     DecisionRule,
     RangeDetector,
     StartDetector,
@@ -52,7 +53,8 @@ def cross_fitted_decisions(
             start = StartDetector(gs[eval_idx], fit_null(d_start[fit_idx], cfg.start_null))
         ranged = None
         if ratios is not None and d_range is not None:
-            ranged = RangeDetector(ratios[eval_idx], fit_null(d_range[fit_idx], cfg.range_null))
+            null_r = fit_null(d_range[fit_idx], cfg.range_null, RANGE_GPD_MIN_SHAPE)
+            ranged = RangeDetector(ratios[eval_idx], null_r)
         dec = decide(g[eval_idx], gz[eval_idx], null, rule, start, ranged)
         labels[eval_idx] = dec.label
         flagged[eval_idx] = dec.flagged

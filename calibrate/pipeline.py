@@ -31,7 +31,15 @@ from calibrate.rangeprobe import RATIO_OUTPUT, RangeNetwork, clean_maxima
 from calibrate.report import write_report
 from calibrate.scripted import script_to_fx
 from guard.artifact import NETWORK_FILES, START_FILE
-from guard.mmdf import fit_null, gpd_min_samples, range_statistic, statistic, threshold
+from guard.mmdf import (
+    GPD_MIN_SHAPE,
+    RANGE_GPD_MIN_SHAPE,
+    fit_null,
+    gpd_min_samples,
+    range_statistic,
+    statistic,
+    threshold,
+)
 
 
 @dataclass(frozen=True)
@@ -268,7 +276,7 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
         range_net = RangeNetwork(net, maxima)
         ratios_held = range_net.ratios(x_held, cfg.batch_size).numpy()
         range_stats = range_statistic(ratios_held)
-        range_null = _fit(range_stats, cfg.range_null, "range detector's ")
+        range_null = _fit(range_stats, cfg.range_null, "range detector's ", RANGE_GPD_MIN_SHAPE)
     try:
         figures = heldout_figures(
             g_held.numpy(), gz_held.numpy(), held.labels, cfg, gs_held, ratios_held
@@ -376,10 +384,10 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
     return CalibrationOutcome(job.out, report, manifest)
 
 
-def _fit(stats: np.ndarray, kind: str, whose: str) -> Any:
+def _fit(stats: np.ndarray, kind: str, whose: str, gpd_min_shape: float = GPD_MIN_SHAPE) -> Any:
     """The null of one statistic; a null that cannot be fitted stops calibration with a line."""
     try:
-        return fit_null(stats, kind)  # type: ignore[arg-type]
+        return fit_null(stats, kind, gpd_min_shape)  # type: ignore[arg-type]
     except ValueError as exc:  # e.g. every held-out statistic equal, or a tail of ties
         raise CalibrationError(
             f"cannot fit the {whose}{kind} null on the {len(stats)} held-out statistics: {exc}"

@@ -11,6 +11,7 @@ from scipy import optimize, stats
 
 from guard.mmdf import (
     GPD_MIN_SHAPE,
+    RANGE_GPD_MIN_SHAPE,
     Null,
     fit_gpd_tail,
     fit_null,
@@ -63,6 +64,23 @@ def test_fit_threshold_share_and_maximum_likelihood_tail() -> None:
         options={"xatol": 1e-10},
     )
     assert beta == pytest.approx(best.x, rel=1e-3)
+
+
+def test_a_shape_floor_of_zero_gives_the_exponential_tail_of_the_mean_excess() -> None:
+    """The range detector's floor (RANGE_GPD_MIN_SHAPE): the same uniform excesses 1..40, whose
+    free estimate is below 0, get the exponential tail, whose maximum-likelihood scale is the
+    mean excess (20.5); p-values then have no end: past the largest sample they stay > 0."""
+    s = np.random.default_rng(0).permutation(np.arange(1.0, 201.0))
+    u, _, xi, beta = fit_gpd_tail(s, RANGE_GPD_MIN_SHAPE)
+    assert (u, xi) == (160.0, 0.0) and beta == pytest.approx(20.5, rel=1e-3)
+    bounded = fit_null(s, "gpd")
+    floored = fit_null(s, "gpd", RANGE_GPD_MIN_SHAPE)
+    far = np.array([260.0])  # past the bounded fit's end (160 + beta / 0.5 < 260)
+    assert p_values(bounded, far)[0] == 0.0
+    assert p_values(floored, far)[0] == pytest.approx(0.2 * math.exp(-100.0 / 20.5), rel=1e-3)
+    assert threshold(floored, 0.0025) > threshold(bounded, 0.0025)
+    with pytest.raises(ValueError, match="shape's floor"):
+        fit_gpd_tail(s, -0.6)
 
 
 def test_fit_recovers_a_pareto_tail() -> None:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from guard.mmdf import (
+    RANGE_GPD_MIN_SHAPE,
     DecisionRule,
     Null,
     RangeDetector,
@@ -157,6 +158,7 @@ def test_the_artifact_carries_the_ratios_output_and_its_null(
     ranged = manifest["range_detector"]
     assert ranged["output"] == "activation_ratio" and ranged["sites"] == len(report["bounds"])
     assert ranged["null"]["kind"] == "gpd" and ranged["null"]["n"] == 108
+    assert ranged["null"]["tail_xi"] >= RANGE_GPD_MIN_SHAPE  # no finite end to its tail
     assert report["null"]["level"] == 0.0025  # each of the two statistics at alpha / 2
     assert report["range_detector"]["null"]["level"] == 0.0025
     assert len(report["range_detector"]["clean_statistics"]) == 108
