@@ -20,9 +20,10 @@ RATIO_OUTPUT = "activation_ratio"
 
 
 class SiteRatio(nn.Module):
-    """[N, C, ...] activation -> [N]: max over channels and positions of a / u_c, where u_c is
-    the channel's clean maximum. A channel never active on the clean images (u_c = 0) counts 0:
-    it has no clean range to leave, and the bounded network already holds it at 0."""
+    """[N, C, ...] activation -> [N, 1]: max over channels and positions of a / u_c, where u_c
+    is the channel's clean maximum. A channel never active on the clean images (u_c = 0) counts
+    0: it has no clean range to leave, and the bounded network already holds it at 0. Three
+    ONNX nodes: the positions' max first, so the scaling touches [N, C] values only."""
 
     def __init__(self, clean_max: torch.Tensor) -> None:
         super().__init__()
@@ -31,8 +32,9 @@ class SiteRatio(nn.Module):
         self.register_buffer("inv_scale", torch.where(u > 0, 1.0 / u, torch.zeros_like(u)))
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
-        per_channel = a.flatten(2).amax(dim=2) if a.dim() > 2 else a
-        return (per_channel * self.inv_scale).amax(dim=1)
+        positions = tuple(range(2, a.dim()))
+        per_channel = a.amax(dim=positions) if positions else a
+        return (per_channel * self.inv_scale).amax(dim=1, keepdim=True)
 
 
 def clean_maxima(net: BoundedNetwork, images: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -75,7 +77,7 @@ class RangeNetwork(nn.Module):
             gm.delete_submodule(site.name)
         output = next(n for n in graph.nodes if n.op == "output")
         with graph.inserting_before(output):
-            stacked = graph.call_function(torch.stack, (ratios, 1))
+            stacked = graph.call_function(torch.cat, (ratios, 1))
         output.args = ((output.args[0], stacked),)
         graph.lint()
         gm.recompile()

@@ -88,10 +88,10 @@ def test_site_ratio_known_values() -> None:
     a[0, 0, 1, 1], a[0, 1, 0, 0], a[0, 2, 0, 1] = 1.0, 6.0, 9.0  # 0.5, 1.5, ignored
     a[1, 0, 0, 0], a[1, 1, 1, 0] = 3.0, 2.0  # 1.5, 0.5
     site = SiteRatio(torch.tensor([2.0, 4.0, 0.0]))
-    np.testing.assert_allclose(site(a).numpy(), [1.5, 1.5])
+    np.testing.assert_allclose(site(a).numpy(), [[1.5], [1.5]])
     # a linear site: one value per neuron
     lin = SiteRatio(torch.tensor([1.0, 10.0]))
-    np.testing.assert_allclose(lin(torch.tensor([[0.5, 20.0], [3.0, 1.0]])).numpy(), [2.0, 3.0])
+    np.testing.assert_allclose(lin(torch.tensor([[0.5, 20.0], [3.0, 1.0]])).numpy(), [[2.0], [3.0]])
 
 
 def _tiny_network() -> tuple[torch.nn.Module, torch.Tensor]:
