@@ -368,7 +368,9 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
             manifest["start_detector"] = {
                 "null": {**start_null.to_dict(), **_counts(start_info)},
                 "bounds_from_iteration": 1,
-                "combination": "p = min(1, 2 min(p_learned, p_start)); flag when p < alpha",
+                "combination": "p = min(1, 2 min(p_learned, p_start)); flag when p < alpha"
+                if range_null is None
+                else "Bonferroni: p = min(1, m min_i p_i) over the m statistics",
             }
         if range_null is not None:
             manifest["range_detector"] = {
