@@ -396,7 +396,7 @@ def range_figures(s: GuardLogits, ranged: tuple[Any, np.ndarray, np.ndarray]) ->
     """The range detector's statistic on its own (p < alpha, as `mmguard serve` would with it
     as the only test) and the two-network guard with it (its artifact's start detector, if
     any, left out), for comparison with the served figures."""
-    from guard.mmdf import range_statistic
+    from guard.mmdf import p_values, range_statistic
 
     null, gr, tgr = ranged
     r_clean, r_trig = range_statistic(gr), range_statistic(tgr)
@@ -405,7 +405,6 @@ def range_figures(s: GuardLogits, ranged: tuple[Any, np.ndarray, np.ndarray]) ->
         s.g, s.gz, s.y, s.tg, s.tgz, s.ty, s.attacker, s.art.null, s.art.rule.alpha,
         extra_detectors(None, ranged),
     )  # fmt: skip
-    from guard.mmdf import p_values
 
     alone = {
         "fpr": float(np.mean(p_values(null, r_clean) < s.art.rule.alpha)),

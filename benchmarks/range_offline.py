@@ -69,9 +69,7 @@ def range_parts(name: str, cache_dir: Path, art: Any) -> tuple[Any, Any]:
 def run(name: str, variant: str, cache_dir: Path, data: dict[str, np.ndarray]) -> dict:
     import torch
 
-    from benchmarks.evalmetrics import auroc, tpr_at_fpr
-    from benchmarks.evaluate import extra_detectors
-    from guard.mmdf import p_values, range_statistic
+    from benchmarks.evaluate import range_figures
 
     art_dir = cache_dir / "eval" / name / ("artifact" if not variant else f"artifact-{variant}")
     s = guard_logits(name, art_dir, data, split_test(data["y_test"]))
@@ -82,13 +80,6 @@ def run(name: str, variant: str, cache_dir: Path, data: dict[str, np.ndarray]) -
         return np.asarray(ranged.ratios(torch.from_numpy(to_float(x)), 250).numpy())
 
     gr, tgr = ratios(s.x), ratios(s.tx)
-    alpha = s.art.rule.alpha
-    r_clean, r_trig = range_statistic(gr), range_statistic(tgr)
-    tpr, fpr = tpr_at_fpr(r_clean, r_trig, alpha)
-    both = guard_figures(
-        s.g, s.gz, s.y, s.tg, s.tgz, s.ty, s.attacker, s.art.null, alpha,
-        extra_detectors(None, (null, gr, tgr)),
-    )  # fmt: skip
     res = {
         "model": name,
         "artifact": str(art_dir.relative_to(cache_dir)),
@@ -97,15 +88,9 @@ def run(name: str, variant: str, cache_dir: Path, data: dict[str, np.ndarray]) -
         "undefended_clean_accuracy": float(np.mean(s.g.argmax(1) == s.y)),
         "undefended_asr": float(np.mean(s.tg.argmax(1) == s.attacker)),
         "learned_statistic_alone": guard_figures(
-            s.g, s.gz, s.y, s.tg, s.tgz, s.ty, s.attacker, s.art.null, alpha
+            s.g, s.gz, s.y, s.tg, s.tgz, s.ty, s.attacker, s.art.null, s.art.rule.alpha
         ),
-        "learned_and_range": both,
-        "range_alone": {
-            "fpr": float(np.mean(p_values(null, r_clean) < alpha)),
-            "tpr": float(np.mean(p_values(null, r_trig) < alpha)),
-            "auroc_full": auroc(r_clean, r_trig),
-            "matched": {"tpr": tpr, "fpr": fpr},
-        },
+        **range_figures(s._replace(gr=gr, tgr=tgr), (null, gr, tgr)),
         "range_null": null.to_dict() | {"samples": None},
         "seconds": round(time.perf_counter() - t, 1),
     }
