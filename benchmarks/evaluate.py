@@ -393,9 +393,9 @@ def evaluate_attack(
 
 
 def range_figures(s: GuardLogits, ranged: tuple[Any, np.ndarray, np.ndarray]) -> dict[str, Any]:
-    """The range detector's statistic on its own (p < alpha, as `mmguard serve` would with it
-    as the only test) and the two-network guard with it (its artifact's start detector, if
-    any, left out), for comparison with the served figures."""
+    """The range detector's statistic tested on its own at alpha (its null only; the guard
+    never serves it alone) and the two-network guard with it (its artifact's start detector,
+    if any, left out), for comparison with the served figures."""
     from guard.mmdf import p_values, range_statistic
 
     null, gr, tgr = ranged
