@@ -1,6 +1,6 @@
 """The range detector beside an artifact's learned bounds, without recalibrating: for a scored
-model whose `--range-detector` calibration would take too long here (a full-width network,
-about 40 minutes on this CPU, most of it MM-BD).
+model whose `--range-detector` calibration would take too long here (a full-width network:
+about 40 minutes on this CPU, half of it MM-BD).
 
 The learned bounds of `mmguard calibrate --range-detector` are a plain calibration's (its
 `bounded.onnx` has the same sha256; tests/test_range_detector.py), so only the range detector's
@@ -10,7 +10,7 @@ maxima in the original network, the ratios in torch and the null fitted on the s
 images. The guard's decision code then combines it with the artifact's null, as `mmguard
 serve` would. Results: `.cache/bench/eval/NAME/range-offline-VARIANT.json`.
 
-    python -m benchmarks.range_offline wanetbatch_w64_e90 --variant startdet
+    python -m benchmarks.range_offline wanetbatch_w64_e90   # beside its default artifact
 """
 
 from __future__ import annotations
