@@ -40,9 +40,7 @@ def range_parts(name: str, cache_dir: Path, art: Any) -> tuple[Any, Any]:
     from calibrate.dataset import load_clean_set, split_clean_set
     from calibrate.mitigate import batched_logits
     from calibrate.modelsrc import ModelSource, load_model
-    from calibrate.pipeline import _fit, _learning_set
-    from calibrate.rangeprobe import RangeNetwork, clean_maxima
-    from guard.mmdf import RANGE_GPD_MIN_SHAPE, range_statistic
+    from calibrate.pipeline import _learning_set, fit_range_detector
 
     cfg = CalibrationConfig(range_detector=True)
     weights = model_paths(cache_dir, name)[0]
@@ -61,9 +59,8 @@ def range_parts(name: str, cache_dir: Path, art: Any) -> tuple[Any, Any]:
     if x_d.shape[0] != split["learn_used"]:
         raise SystemExit("the learning images differ from the artifact's")
     net = BoundedNetwork(model, x_d[:2])
-    ranged = RangeNetwork(net, clean_maxima(net, x_d, cfg.batch_size))
-    held_stats = range_statistic(ranged.ratios(torch.from_numpy(held.images), 256).numpy())
-    return ranged, _fit(held_stats, cfg.range_null, "range detector's ", RANGE_GPD_MIN_SHAPE)
+    ranged = fit_range_detector(net, x_d, torch.from_numpy(held.images), cfg)
+    return ranged.network, ranged.null
 
 
 def run(name: str, variant: str, cache_dir: Path, data: dict[str, np.ndarray]) -> dict:

@@ -225,7 +225,6 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
     per_class = cfg.starts_per_class or int(min(learn.per_class_counts()))
     chw = tuple(int(v) for v in x_learn.shape[1:])
     net = BoundedNetwork(model, x_d[:2])
-    maxima = clean_maxima(net, x_d, cfg.batch_size) if cfg.range_detector else None
     net.init_bounds(cfg.bound_init, x_d, cfg.batch_size, ceiling=cfg.bound_ceiling == "max")
     init = [b.detach().clone() for b in net.bounds()]
     timing: dict[str, float] = {"load": time.perf_counter() - t0}
@@ -271,15 +270,15 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
         gs_held = batched_logits(start_net, x_held, cfg.batch_size).numpy()
         start_stats = statistic(g_held.numpy(), gs_held)
         start_null = _fit(start_stats, cfg.start_null, "start detector's ")
-    range_net, range_stats, range_null, ratios_held = None, None, None, None
-    if maxima is not None:
-        range_net = RangeNetwork(net, maxima)
-        ratios_held = range_net.ratios(x_held, cfg.batch_size).numpy()
-        range_stats = range_statistic(ratios_held)
-        range_null = _fit(range_stats, cfg.range_null, "range detector's ", RANGE_GPD_MIN_SHAPE)
+    ranged = fit_range_detector(net, x_d, x_held, cfg) if cfg.range_detector else None
     try:
         figures = heldout_figures(
-            g_held.numpy(), gz_held.numpy(), held.labels, cfg, gs_held, ratios_held
+            g_held.numpy(),
+            gz_held.numpy(),
+            held.labels,
+            cfg,
+            gs_held,
+            None if ranged is None else ranged.heldout_ratios,
         )
     except ValueError as exc:  # e.g. every held-out statistic equal, or a tail of ties
         raise CalibrationError(f"cannot fit a null on a half of the held-out set: {exc}") from None
@@ -297,11 +296,11 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
         t = time.perf_counter()
         probe = x_held[:64]
         original_file = tmp / NETWORK_FILES["original"]
-        if range_net is None:
+        if ranged is None:
             diffs = {"original": export_verified(model, probe, original_file)[0]}
         else:  # the original network, with the activation ratios as a second output
             outputs = (OUTPUT_NAME, RATIO_OUTPUT)
-            diff = export_verified(range_net, probe, original_file, outputs=outputs)[0]
+            diff = export_verified(ranged.network, probe, original_file, outputs=outputs)[0]
             diffs = {"original": diff}
         diffs["bounded"], fold_stats = export_verified(
             net, probe, tmp / NETWORK_FILES["bounded"], fold=True
@@ -355,13 +354,13 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
                 "bounds_from_iteration": 1,
                 "bounds": _bound_summary(start_net, init) if start_net is not None else [],
             }
-        if range_null is not None and range_stats is not None and maxima is not None:
-            range_info = _null_info(range_null, range_stats, cfg)
+        if ranged is not None:
+            range_info = _null_info(ranged.null, ranged.heldout_stats, cfg)
             report["range_detector"] = {
                 "null": range_info,
-                "clean_statistics": [float(v) for v in range_stats],
+                "clean_statistics": [float(v) for v in ranged.heldout_stats],
                 "output": RATIO_OUTPUT,
-                "sites": _range_summary(net, maxima, ratios_held),
+                "sites": _range_summary(net, ranged.maxima, ranged.heldout_ratios),
             }
         manifest = _manifest_fields(job, clean, cfg, null, null_info, report, diffs)
         if start_null is not None:
@@ -369,14 +368,14 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
                 "null": {**start_null.to_dict(), **_counts(start_info)},
                 "bounds_from_iteration": 1,
                 "combination": "p = min(1, 2 min(p_learned, p_start)); flag when p < alpha"
-                if range_null is None
+                if ranged is None
                 else "Bonferroni: p = min(1, m min_i p_i) over the m statistics",
             }
-        if range_null is not None:
+        if ranged is not None:
             manifest["range_detector"] = {
                 "output": RATIO_OUTPUT,
                 "sites": len(net.sites),
-                "null": {**range_null.to_dict(), **_counts(range_info)},
+                "null": {**ranged.null.to_dict(), **_counts(range_info)},
                 "statistic": "max over bound sites of max_c(activation_c / clean maximum_c)",
                 "combination": "Bonferroni: p = min(1, m min_i p_i) over the m statistics",
             }
@@ -411,23 +410,49 @@ def _start_network(
     return start.eval()
 
 
+@dataclass(frozen=True)
+class RangeFit:
+    """The range detector of a calibration: its network, the clean maxima it divides by, and
+    the held-out images' ratios, statistics and the null fitted on them."""
+
+    network: RangeNetwork
+    maxima: list[torch.Tensor]
+    heldout_ratios: np.ndarray
+    heldout_stats: np.ndarray
+    null: Any
+
+
+def fit_range_detector(
+    net: BoundedNetwork, x_d: torch.Tensor, x_held: torch.Tensor, cfg: CalibrationConfig
+) -> RangeFit:
+    """The range detector at `net`'s bound sites: per channel the ORIGINAL network's maximum
+    on the learning images x_d (whatever bounds `net` holds now), the ratios and statistics of
+    the held-out images x_held, and their null (`gpd` tail shape at 0 or above)."""
+    maxima = clean_maxima(net, x_d, cfg.batch_size)
+    network = RangeNetwork(net, maxima)
+    ratios = network.ratios(x_held, cfg.batch_size).numpy()
+    stats = range_statistic(ratios)
+    null = _fit(stats, cfg.range_null, "range detector's ", RANGE_GPD_MIN_SHAPE)
+    return RangeFit(network, maxima, ratios, stats, null)
+
+
 def _range_summary(
-    net: BoundedNetwork, maxima: list[torch.Tensor], ratios_held: np.ndarray | None
+    net: BoundedNetwork, maxima: list[torch.Tensor], ratios_held: np.ndarray
 ) -> list[dict[str, Any]]:
     """Per bound site: its channels' clean maxima and the held-out images' ratios there."""
     rows = []
     for i, (site, u) in enumerate(zip(net.sites, maxima, strict=True)):
-        row: dict[str, Any] = {
-            "site": site.follows,
-            "channels": site.channels,
-            "inactive_channels": int((u <= 0).sum()),
-            "clean_max_max": float(u.max()),
-        }
-        if ratios_held is not None:
-            r = ratios_held[:, i]
-            row["heldout_ratio_median"] = float(np.median(r))
-            row["heldout_ratio_max"] = float(r.max())
-        rows.append(row)
+        r = ratios_held[:, i]
+        rows.append(
+            {
+                "site": site.follows,
+                "channels": site.channels,
+                "inactive_channels": int((u <= 0).sum()),
+                "clean_max_max": float(u.max()),
+                "heldout_ratio_median": float(np.median(r)),
+                "heldout_ratio_max": float(r.max()),
+            }
+        )
     return rows
 
 
