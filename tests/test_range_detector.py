@@ -27,7 +27,7 @@ from guard.mmdf import (
     statistic,
 )
 from tests.test_cli import _calibrate_tiny
-from tests.test_start_detector import SMALL, _clean, _infer, _poisoned
+from tests.test_start_detector import SMALL, _clean, _heldout, _infer, _poisoned
 
 ITERS = ("--max-iters", "4", "--min-iters", "2")
 
@@ -280,14 +280,10 @@ def test_the_reports_false_positive_rate_counts_the_range_flags() -> None:
     from calibrate.evaluation import cross_fitted_decisions, heldout_figures
 
     rng = np.random.default_rng(0)
-    n, k = 400, 3
-    g = np.zeros((n, k), dtype=np.float32)
-    g[:, 0] = 5.0
-    gz = g.copy()
-    gz[:, 0] -= rng.normal(1.0, 0.1, n).astype(np.float32)  # learned bounds: d ~ N(1, 0.1)
+    g, gz, y = _heldout(rng)
+    n = len(y)
     ratios = rng.normal(0.9, 0.05, (n, 4)).astype(np.float32)
     ratios[:8, 2] = 5.0  # eight images far outside the clean range at one site
-    y = np.zeros(n, dtype=np.int64)
     cfg = CalibrationConfig(null="gaussian", range_null="gaussian", range_detector=True)
     _, flagged = cross_fitted_decisions(g, gz, cfg, False, None, ratios)
     _, flagged_alone = cross_fitted_decisions(g, gz, cfg, False)

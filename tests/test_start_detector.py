@@ -312,21 +312,27 @@ def test_schema_2_without_its_start_parts_is_refused(start_copy: Path) -> None:
         load_artifact(start_copy)
 
 
+def _heldout(rng: np.random.Generator, n: int = 400) -> tuple[np.ndarray, ...]:
+    """Synthetic held-out logits (3 classes): original g, learned-bounded gz, labels y. Every
+    image is class 0 with margin 5, and the learned bounds' d is N(1, 0.1)."""
+    g = np.zeros((n, 3), dtype=np.float32)
+    g[:, 0] = 5.0
+    gz = g.copy()
+    gz[:, 0] -= rng.normal(1.0, 0.1, n).astype(np.float32)
+    return g, gz, np.zeros(n, dtype=np.int64)
+
+
 def test_the_reports_false_positive_rate_is_the_combined_rules() -> None:
     """heldout_figures with the start detector's logits counts its flags too (cross-fitted)."""
     from calibrate.config import CalibrationConfig
     from calibrate.evaluation import cross_fitted_decisions, heldout_figures
 
     rng = np.random.default_rng(0)
-    n, k = 400, 3
-    g = np.zeros((n, k), dtype=np.float32)
-    g[:, 0] = 5.0  # every image: class 0, margin 5
-    gz = g.copy()
-    gz[:, 0] -= rng.normal(1.0, 0.1, n).astype(np.float32)  # learned bounds: d ~ N(1, 0.1)
+    g, gz, y = _heldout(rng)
+    n = len(y)
     gs = g.copy()
     gs[:, 0] -= rng.normal(1.0, 0.1, n).astype(np.float32)
     gs[:8, 0] -= 3.0  # eight images whose start statistic is 30 sigma out
-    y = np.zeros(n, dtype=np.int64)
     cfg = CalibrationConfig(null="gaussian", start_null="gaussian", start_detector=True)
     _, flagged = cross_fitted_decisions(g, gz, cfg, False, gs)
     _, flagged_alone = cross_fitted_decisions(g, gz, cfg, False)
