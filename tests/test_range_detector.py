@@ -27,7 +27,14 @@ from guard.mmdf import (
     statistic,
 )
 from tests.test_cli import _calibrate_tiny
-from tests.test_start_detector import SMALL, _clean, _heldout, _infer, _poisoned
+from tests.test_start_detector import (
+    SMALL,
+    _clean,
+    _heldout,
+    _infer,
+    _metadata_properties,
+    _poisoned,
+)
 
 ITERS = ("--max-iters", "4", "--min-iters", "2")
 
@@ -197,10 +204,7 @@ def test_the_guard_combines_the_range_p_value(range_artifact: tuple[Path, dict, 
 
 @pytest.mark.slow
 def test_a_real_server_serves_the_range_detector(range_artifact: tuple[Path, dict, dict]) -> None:
-    import grpc
 
-    from guard._proto import grpc_predict_v2_pb2 as pb
-    from guard._proto import grpc_predict_v2_pb2_grpc as pb_grpc
     from guard.artifact import load_artifact
     from guard.engine import GuardEngine
     from tests.serving import running, serve_config
@@ -210,14 +214,9 @@ def test_a_real_server_serves_the_range_detector(range_artifact: tuple[Path, dic
     expected = GuardEngine(load_artifact(out), "cpu", threads=1).decide(x)
     assert expected.flagged.any() and not expected.flagged.all()
     with running(serve_config(out)) as srv:
-        channel = grpc.insecure_channel(srv.url)
-        try:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            md = stub.ModelMetadata(pb.ModelMetadataRequest(name="art"), timeout=30)
-        finally:
-            channel.close()
-        assert md.properties["range_detector"] == "gpd"
-        assert md.properties["start_detector"] == "none"
+        properties = _metadata_properties(srv.url)
+        assert properties["range_detector"] == "gpd"
+        assert properties["start_detector"] == "none"
         res = _infer(srv.url, x)
     assert res.as_numpy("flagged").tolist() == expected.flagged.tolist()
     assert res.as_numpy("label").tolist() == expected.label.tolist()

@@ -182,14 +182,28 @@ def _infer(url: str, x: np.ndarray) -> Any:
         client.close()
 
 
-@pytest.mark.slow
-def test_a_real_server_serves_the_three_network_artifact(
-    start_artifact: tuple[Path, dict, dict],
-) -> None:
+def _metadata_properties(url: str) -> dict[str, str]:
+    """The model metadata's properties for the artifact `art`, over raw gRPC: properties
+    (field 6) are in the published protocol, not in Triton's, so tritonclient drops them."""
     import grpc
 
     from guard._proto import grpc_predict_v2_pb2 as pb
     from guard._proto import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    channel = grpc.insecure_channel(url)
+    try:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        md = stub.ModelMetadata(pb.ModelMetadataRequest(name="art"), timeout=30)
+    finally:
+        channel.close()
+    return dict(md.properties)
+
+
+@pytest.mark.slow
+def test_a_real_server_serves_the_three_network_artifact(
+    start_artifact: tuple[Path, dict, dict],
+) -> None:
+
     from guard.artifact import load_artifact
     from guard.engine import GuardEngine
     from tests.serving import running, serve_config
@@ -201,15 +215,9 @@ def test_a_real_server_serves_the_three_network_artifact(
     with running(serve_config(out)) as srv:
         info = next(m for m in srv.registry.collect() if m.name == "guard_build_info").samples[0]
         assert info.labels["start_sha256"] == manifest["files"]["start"]["sha256"]
-        # the metadata's properties (field 6) are in the published protocol, not in Triton's
-        channel = grpc.insecure_channel(srv.url)
-        try:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            md = stub.ModelMetadata(pb.ModelMetadataRequest(name="art"), timeout=30)
-        finally:
-            channel.close()
-        assert md.properties["start_detector"] == "gpd"
-        assert md.properties["start_sha256"] == manifest["files"]["start"]["sha256"]
+        properties = _metadata_properties(srv.url)
+        assert properties["start_detector"] == "gpd"
+        assert properties["start_sha256"] == manifest["files"]["start"]["sha256"]
         res = _infer(srv.url, x)
     assert res.as_numpy("flagged").tolist() == expected.flagged.tolist()
     assert res.as_numpy("label").tolist() == expected.label.tolist()
