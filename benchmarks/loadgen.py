@@ -74,16 +74,27 @@ async def drive(
     }
 
 
+def load_input(path: Path, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """A batch-1 FP32 input saved with np.save (never unpickled), of `shape` per input if given."""
+    x = np.load(path, allow_pickle=False)
+    if x.dtype != np.float32 or x.ndim < 2 or x.shape[0] != 1:
+        raise ValueError(f"{path}: need one FP32 input of shape [1, ...], got {x.dtype} {x.shape}")
+    if shape is not None and tuple(x.shape[1:]) != tuple(shape):
+        raise ValueError(f"{path}: input shape {list(x.shape[1:])}, expected {list(shape)}")
+    return x
+
+
 def run_load(
-    url: str, model: str, clients: int, duration_s: float, warmup_s: float, seed: int,
-    shape: tuple[int, ...], input_name: str = "input",
+    url: str, model: str, clients: int, duration_s: float, warmup_s: float, input_npy: Path,
+    input_name: str = "input",
 ) -> dict[str, Any]:  # fmt: skip
-    """Run this module as a child process for one measurement point and return what it printed
-    (the child is killed if it fails to finish in time, or on any error here)."""
+    """Run this module as a child process for one measurement point, every client sending the
+    input saved at `input_npy`, and return what it printed (the child is killed if it fails to
+    finish in time, or on any error here)."""
     cmd = [
         sys.executable, "-m", "benchmarks.loadgen", "--url", url, "--model", model,
         "--clients", str(clients), "--duration-s", str(duration_s), "--warmup-s", str(warmup_s),
-        "--seed", str(seed), "--shape", ",".join(map(str, shape)), "--input-name", input_name,
+        "--input-npy", str(input_npy), "--input-name", input_name,
     ]  # fmt: skip
     done = subprocess.run(
         cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
@@ -101,17 +112,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=1, help="concurrent clients")
     ap.add_argument("--duration-s", type=float, default=10.0, help="the measured window")
     ap.add_argument("--warmup-s", type=float, default=1.0, help="run, not measured, first")
-    ap.add_argument("--shape", default="3,32,32", help="per-input shape C,H,W")
+    ap.add_argument("--shape", default="3,32,32", help="per-input shape C,H,W of the random input")
     ap.add_argument("--input-name", default="input")
     ap.add_argument("--seed", type=int, default=0, help="of the fixed input (fixed_input)")
+    ap.add_argument(
+        "--input-npy",
+        type=Path,
+        default=None,
+        help="send this saved input ([1, C, H, W] FP32, np.save) instead of the random one",
+    )
     args = ap.parse_args(argv)
     if args.clients < 1 or not args.duration_s > 0 or args.warmup_s < 0:
         raise ValueError(
             f"need clients >= 1, duration_s > 0, warmup_s >= 0; got {args.clients}, "
             f"{args.duration_s}, {args.warmup_s}"
         )
-    shape = tuple(int(v) for v in args.shape.split(","))
-    x = fixed_input(shape, args.seed)
+    if args.input_npy is not None:
+        x = load_input(args.input_npy)
+    else:
+        x = fixed_input(tuple(int(v) for v in args.shape.split(",")), args.seed)
     result = asyncio.run(
         drive(
             args.url, args.model, x, args.input_name, args.clients, args.warmup_s,

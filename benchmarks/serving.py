@@ -8,7 +8,9 @@ In one run, on one artifact and one onnxruntime provider:
 (a) and (b) run in interleaved rounds at batch 1 and at the servers' --max-batch-size. (c) and (d)
 are `mmguard serve` subprocesses on 127.0.0.1, both up for the whole run; a separate client process
 (benchmarks.loadgen: stock tritonclient, batch-1 requests of one fixed input back to back) drives
-one of them at a time with N concurrent clients. Per client count the points run in the order
+one of them at a time with N concurrent clients. The input is the first the guard does not flag:
+of random pixels, or with --images of clean images (a guard may flag random pixels; then each
+request logs a line and the run says so). Per client count the points run in the order
 d, c, c, d and the two runs of each are pooled, so drift on a shared machine hits both alike. Also
 times the bounded network against the original (benchmarks.bounded_cost's method on the
 artifact's two files), and the floor graph of benchmarks.bounded_cost.identity_after_residuals.
@@ -103,9 +105,8 @@ def loaded(url: str, pid: int, name: str, clients: int, args: argparse.Namespace
     """One run of the client process against a server, with both processes' CPU per request."""
     cpu0 = process_cpu_s(pid)
     res = run_load(
-        url, name, clients, args.duration_s, args.warmup_s, args.input_seed,
-        art.input.shape, art.input.name,
-    )  # fmt: skip
+        url, name, clients, args.duration_s, args.warmup_s, args.input_npy, art.input.name
+    )
     res["server_cpu_s"] = process_cpu_s(pid) - cpu0
     return res
 
@@ -200,14 +201,30 @@ def bounded_cost(artifact: Any, threads: int, rounds: int, seed: int) -> dict:
     return out
 
 
-def pick_input(engine: Any, shape: tuple[int, ...], seed: int) -> tuple[np.ndarray, int, bool]:
-    """The first fixed input from `seed` on that the guard does not flag: steady traffic is
-    clean, and every flagged input costs the server a log line."""
-    for s in range(seed, seed + 20):
-        x = fixed_input(shape, s)
+def pick_input(
+    engine: Any, shape: tuple[int, ...], seed: int, images: np.ndarray | None = None
+) -> tuple[np.ndarray, str, bool]:
+    """The first fixed input the guard does not flag, and what it is: steady traffic is clean,
+    and every flagged input costs the server a log line. From `images` (in their order; the
+    first 64) when given, else uniform random inputs from `seed` on (20 tries). A guard may flag
+    random pixels (the range detector flags them), so `images` is how to bench it on clean
+    traffic. Falls back to the first candidate, flagged, when every one is."""
+    if images is not None:
+        if tuple(images.shape[1:]) != tuple(shape):
+            raise ValueError(
+                f"--images holds inputs of shape {list(images.shape[1:])}; the artifact takes "
+                f"{list(shape)}"
+            )
+        candidates = [(images[i : i + 1], f"image {i} of --images") for i in range(64)]
+        candidates = candidates[: len(images)]
+    else:
+        candidates = [
+            (fixed_input(shape, s), f"uniform random, seed {s}") for s in range(seed, seed + 20)
+        ]
+    for x, what in candidates:
         if not bool(engine.decide(x).flagged[0]):
-            return x, s, False
-    return fixed_input(shape, seed), seed, True
+            return x, what, False
+    return candidates[0][0], candidates[0][1], True
 
 
 def measure_servers(servers: dict[str, GuardProcess], args: argparse.Namespace, art: Any) -> dict:
@@ -396,6 +413,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="rounds of the bounded/original timing per batch size",
     )
     ap.add_argument("--input-seed", type=int, default=0, help="of the fixed random input")
+    ap.add_argument(
+        "--images",
+        type=Path,
+        default=None,
+        help="take the steady input from these clean images (an npz or ImageFolder as "
+        "`mmguard calibrate --data` reads) instead of random pixels: the first one not flagged",
+    )
     ap.add_argument("--json", type=Path, default=BENCH_DIR / "serving_results.json")
     args = ap.parse_args(argv)
     if args.warmup_s is None:
@@ -436,19 +460,28 @@ def main(argv: list[str] | None = None) -> int:
     art = load_artifact(args.artifact)
     threads = args.threads or usable_cpus()
     engine = GuardEngine(art, args.device, threads)
-    x, args.input_seed, flagged = pick_input(engine, art.input.shape, args.input_seed)
+    images = None
+    if args.images is not None:
+        from calibrate.dataset import load_clean_set
+
+        images = load_clean_set(args.images, min_per_class=1).images
+    x, what, flagged = pick_input(engine, art.input.shape, args.input_seed, images)
+    # the clients send exactly this tensor; kept beside the JSON, so a run can be repeated
+    args.input_npy = args.json.with_name(args.json.stem + "-input.npy")
+    args.input_npy.parent.mkdir(parents=True, exist_ok=True)
+    np.save(args.input_npy, x)
     results: dict[str, Any] = {
         "artifact": str(args.artifact), "model": art.name, "input_shape": list(art.input.shape),
         "provider": engine.providers[0], "onnxruntime": ort.__version__, "threads": threads,
         "usable_cpus": usable_cpus(), "duration_s": args.duration_s, "warmup_s": args.warmup_s,
         "clients": args.clients, "max_batch_size": args.max_batch_size,
-        "max_queue_delay_ms": args.max_queue_delay_ms, "input_seed": args.input_seed,
-        "input_flagged": flagged,
+        "max_queue_delay_ms": args.max_queue_delay_ms, "input": what,
+        "input_file": str(args.input_npy), "input_flagged": flagged,
     }  # fmt: skip
     print(
         f"artifact {args.artifact} ({art.name}, input {list(art.input.shape)}); provider "
         f"{engine.providers[0]}, onnxruntime {ort.__version__}, {threads} intra-op threads, "
-        f"{usable_cpus()} usable CPUs; input: uniform random, seed {args.input_seed}, "
+        f"{usable_cpus()} usable CPUs; input: {what}, "
         f"{'FLAGGED (each request logs a line)' if flagged else 'not flagged'}",
         flush=True,
     )

@@ -1,19 +1,23 @@
-"""The serving benchmark's own tools: the structural floor graph (benchmarks.bounded_cost) and
-the bare gRPC server (benchmarks.bare_server) it measures the guard against."""
+"""The serving benchmark's own tools: the structural floor graph (benchmarks.bounded_cost), the
+bare gRPC server (benchmarks.bare_server) it measures the guard against, and the choice of the
+steady input its clients send (benchmarks.serving.pick_input, benchmarks.loadgen.load_input)."""
 
 from __future__ import annotations
 
 import collections
+import types
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 import tritonclient.grpc as tc
 from onnx import TensorProto, helper, numpy_helper
 
 from benchmarks.bounded_cost import identity_after_residuals
-from benchmarks.serving import bare_server
+from benchmarks.loadgen import load_input
+from benchmarks.serving import bare_server, pick_input
 
 
 def _residual_block() -> onnx.ModelProto:
@@ -77,3 +81,36 @@ def test_guard_corrects_only_flagged_inputs_to_the_bounded_best_other_class() ->
     flagged = np.array([True, False, True])
     # row 0: original 0, bounded best other than 0 is 2; row 1 unflagged keeps 1; row 2: 0
     np.testing.assert_array_equal(guarded_labels(g.argmax(axis=1), gz, flagged), [2, 1, 0])
+
+
+class _FlagsBright:
+    """A stand-in engine that flags any input whose mean pixel is above 0.3: uniform noise
+    (mean ~0.5) always, dark images never."""
+
+    def decide(self, x: np.ndarray) -> types.SimpleNamespace:
+        return types.SimpleNamespace(flagged=np.array([float(x.mean()) > 0.3]))
+
+
+def test_pick_input_takes_the_first_clean_image_the_guard_does_not_flag() -> None:
+    images = np.full((5, 3, 4, 4), 0.9, dtype=np.float32)
+    images[3] = 0.1  # the first dark one
+    images[4] = 0.2
+    x, what, flagged = pick_input(_FlagsBright(), (3, 4, 4), 0, images)
+    assert (what, flagged) == ("image 3 of --images", False)
+    np.testing.assert_array_equal(x, images[3:4])
+    # random pixels are all flagged by this engine: the first candidate comes back, marked
+    x, what, flagged = pick_input(_FlagsBright(), (3, 4, 4), 7)
+    assert (what, flagged, x.shape) == ("uniform random, seed 7", True, (1, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"shape \[3, 8, 8\]; the artifact takes \[3, 4, 4\]"):
+        pick_input(_FlagsBright(), (3, 4, 4), 0, np.zeros((2, 3, 8, 8), np.float32))
+
+
+def test_load_input_reads_back_what_was_saved_and_names_a_wrong_one(tmp_path: Path) -> None:
+    x = np.random.default_rng(0).random((1, 3, 4, 4), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.testing.assert_array_equal(load_input(tmp_path / "x.npy", (3, 4, 4)), x)
+    with pytest.raises(ValueError, match=r"input shape \[3, 4, 4\], expected \[3, 8, 8\]"):
+        load_input(tmp_path / "x.npy", (3, 8, 8))
+    np.save(tmp_path / "batch.npy", np.zeros((2, 3, 4, 4), np.float32))
+    with pytest.raises(ValueError, match="one FP32 input of shape"):
+        load_input(tmp_path / "batch.npy")
