@@ -27,7 +27,13 @@ from calibrate.mitigate import MitigationResult, batched_logits, learn_bounds
 from calibrate.mmbd import verdict
 from calibrate.modelsrc import ModelSource, count_output_classes, load_model
 from calibrate.progress import Progress
-from calibrate.rangeprobe import RATIO_OUTPUT, RangeNetwork, clean_maxima
+from calibrate.rangeprobe import (
+    RANGE_FLOOR,
+    RATIO_OUTPUT,
+    RangeNetwork,
+    clean_maxima,
+    ratio_denominators,
+)
 from calibrate.report import write_report
 from calibrate.scripted import script_to_fx
 from guard.artifact import NETWORK_FILES, START_FILE
@@ -360,6 +366,7 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
                 "null": range_info,
                 "clean_statistics": [float(v) for v in ranged.heldout_stats],
                 "output": RATIO_OUTPUT,
+                "floor": RANGE_FLOOR,
                 "sites": _range_summary(net, ranged.maxima, ranged.heldout_ratios),
             }
         manifest = _manifest_fields(job, clean, cfg, null, null_info, report, diffs)
@@ -376,7 +383,8 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
                 "output": RATIO_OUTPUT,
                 "sites": len(net.sites),
                 "null": {**ranged.null.to_dict(), **_counts(range_info)},
-                "statistic": "max over bound sites of max_c(activation_c / clean maximum_c)",
+                "statistic": "max over bound sites of max_c(activation_c / clean maximum_c), "
+                f"each clean maximum at least {RANGE_FLOOR} x its site's median",
                 "combination": "Bonferroni: p = min(1, m min_i p_i) over the m statistics",
             }
         manifest["onnx"]["bound_folding"] = fold_stats
@@ -448,6 +456,7 @@ def _range_summary(
                 "site": site.follows,
                 "channels": site.channels,
                 "inactive_channels": int((u <= 0).sum()),
+                "floored_channels": int(((u > 0) & (u < ratio_denominators(u))).sum()),
                 "clean_max_max": float(u.max()),
                 "heldout_ratio_median": float(np.median(r)),
                 "heldout_ratio_max": float(r.max()),

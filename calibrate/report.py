@@ -368,6 +368,7 @@ def _md_range_detector(report: Mapping[str, Any]) -> list[str]:
             _cell(row.get("site")),
             _cell(row.get("channels")),
             _cell(row.get("inactive_channels")),
+            _cell(row.get("floored_channels")),
             _cell(row.get("heldout_ratio_median")),
             _cell(row.get("heldout_ratio_max")),
         ]
@@ -378,15 +379,23 @@ def _md_range_detector(report: Mapping[str, Any]) -> list[str]:
         "",
         "A statistic read off the original network's own forward pass (its output "
         f"`{_cell(ranged.get('output'))}`): per bound site, the largest activation relative to "
-        "its channel's largest on the clean learning images; the statistic is the largest over "
-        "the sites. The guard flags when any statistic's p-value is below alpha / m (m "
-        "statistics in all) and corrects with the learned bounds; the held-out false-positive "
-        "rates above are the combined rule's.",
+        "its channel's largest on the clean learning images (raised to at least "
+        f"{_cell(ranged.get('floor'))} times the median over the site's active channels: the "
+        "floored ones); the statistic is the largest over the sites. The guard flags when any "
+        "statistic's p-value is below alpha / m (m statistics in all) and corrects with the "
+        "learned bounds; the held-out false-positive rates above are the combined rule's.",
         "",
         *_table(["Parameter", "Value"], _null_rows(ranged.get("null", {}), "the ratio")),
         "",
         *_table(
-            ["Site", "Channels", "Inactive on clean", "Held-out ratio, median", "max"],
+            [
+                "Site",
+                "Channels",
+                "Inactive on clean",
+                "Floored",
+                "Held-out ratio, median",
+                "max",
+            ],
             site_rows,
         ),
         "",

@@ -101,6 +101,20 @@ def test_site_ratio_known_values() -> None:
     np.testing.assert_allclose(lin(torch.tensor([[0.5, 20.0], [3.0, 1.0]])).numpy(), [[2.0], [3.0]])
 
 
+def test_a_nearly_dead_channel_is_measured_against_the_sites_floor() -> None:
+    from calibrate.rangeprobe import RANGE_FLOOR, SiteRatio, ratio_denominators
+
+    # clean maxima 0.001, 4, 2, 6 and 0: median of the active ones 3, floor 0.05 * 3 = 0.15
+    u = torch.tensor([0.001, 4.0, 2.0, 6.0, 0.0])
+    assert RANGE_FLOOR == 0.05
+    np.testing.assert_allclose(ratio_denominators(u).numpy(), [0.15, 4.0, 2.0, 6.0, 0.0])
+    # 0.3 in the nearly dead channel is 2 floors (300 of its own maximum); 9 in the dead one
+    # still counts 0; 2 in channel 1 is 0.5
+    a = torch.tensor([[0.3, 2.0, 0.0, 0.0, 9.0], [0.0, 2.0, 0.0, 0.0, 9.0]])
+    np.testing.assert_allclose(SiteRatio(u)(a).numpy(), [[2.0], [0.5]], rtol=1e-6)
+    assert not ratio_denominators(torch.zeros(3)).any()  # a site never active stays at 0
+
+
 def _tiny_network() -> tuple[torch.nn.Module, torch.Tensor]:
     from calibrate.modelsrc import ModelSource, load_model
     from tests.conftest import TINY
