@@ -558,7 +558,9 @@ def _is_model(name: str) -> bool:
 
 def _earlier_defaults(cache_dir: Path, name: str) -> list[str]:
     """How NAME's artifact was calibrated where today's defaults differ, in words (empty when
-    they do not): the MM-BD ascent's steps, and the bound ceiling (absent before it existed)."""
+    they do not): the MM-BD ascent's steps, the bound ceiling (absent before it existed), and
+    the range detector (off before it was on by default; this benchmark's 200 held-out images
+    carry its null)."""
     from calibrate.config import CalibrationConfig
 
     report = cache_dir / "eval" / name / "artifact" / "report.json"
@@ -570,6 +572,8 @@ def _earlier_defaults(cache_dir: Path, name: str) -> list[str]:
         found.append(f"MM-BD ascent of {config['mmbd_steps']} steps")
     if config.get("bound_ceiling", "none") != today.bound_ceiling:
         found.append(f"bound ceiling {config.get('bound_ceiling', 'none')}")
+    if today.range_detector is None and not config.get("range_detector"):
+        found.append("no range detector")
     return found
 
 

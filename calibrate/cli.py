@@ -157,9 +157,11 @@ def _add_method_flags(p: argparse.ArgumentParser) -> None:
     )
     m.add_argument(
         "--range-detector",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="also test how far the original network's activations leave their clean range (a "
-        "second output of original.onnx: no extra network per request)",
+        "second output of original.onnx: no extra network per request). Default: on when the "
+        "held-out set can carry its null (100 images with --range-null gpd), else off",
     )
     m.add_argument(
         "--range-null",
@@ -294,6 +296,11 @@ def summary(report: dict[str, Any], out: Path) -> str:
             f"at alpha {report['null']['alpha']}",
             *([f"  note: {advice}"] if advice else []),
             *([fallback] if kept is not None else []),
+            *(
+                [f"  range detector {report['range_detector_off']}"]
+                if "range_detector_off" in report
+                else []
+            ),
             f"  report: {out / 'report.md'}",
         ]
     )

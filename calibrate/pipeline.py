@@ -223,6 +223,7 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
     k = len(clean.class_names)
     model = _prepare_model(job, clean)
     learn, held = split_clean_set(clean, cfg.heldout_fraction, cfg.seed)
+    cfg = cfg.resolve(int(held.labels.size))  # the range detector on when its null fits
     _check_null_size(cfg, int(held.labels.size))
     x_learn = torch.from_numpy(learn.images)
     learn_logits = batched_logits(model, x_learn, cfg.batch_size)
@@ -360,6 +361,11 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
                 "bounds_from_iteration": 1,
                 "bounds": _bound_summary(start_net, init) if start_net is not None else [],
             }
+        if ranged is None and job.config.range_detector is None:
+            report["range_detector_off"] = (
+                f"off: the {held.labels.size} held-out images are too few for its "
+                f"{cfg.range_null} null (--range-detector requires it and says what it needs)"
+            )
         if ranged is not None:
             range_info = _null_info(ranged.null, ranged.heldout_stats, cfg)
             report["range_detector"] = {

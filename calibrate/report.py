@@ -361,7 +361,8 @@ def _md_range_detector(report: Mapping[str, Any]) -> list[str]:
     """The range detector's null and per-site figures (`--range-detector`)."""
     ranged = report.get("range_detector")
     if not ranged:
-        return []
+        off = report.get("range_detector_off")
+        return ["## Range detector", "", f"{off[:1].upper()}{off[1:]}.", ""] if off else []
     sites = ranged.get("sites") or []
     site_rows = [
         [

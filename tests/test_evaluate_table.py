@@ -17,8 +17,12 @@ def _report(cache: Path, name: str, config: dict) -> None:
 
 
 def test_earlier_defaults_names_what_differs_from_today(tmp_path: Path) -> None:
-    today = dataclasses.asdict(CalibrationConfig())
+    # as a calibration records it, the range detector decided: on for 200 held-out images
+    today = dataclasses.asdict(CalibrationConfig().resolve(200))
     _report(tmp_path, "current", today)
+    _report(tmp_path, "no_range", {**today, "range_detector": False})
+    before_range = {k: v for k, v in today.items() if k not in ("range_detector", "range_null")}
+    _report(tmp_path, "before_range", before_range)
     _report(tmp_path, "old_steps", {**today, "mmbd_steps": 100})
     before_ceiling = {k: v for k, v in today.items() if k != "bound_ceiling"}
     _report(tmp_path, "before_ceiling", {**before_ceiling, "mmbd_steps": 100})
@@ -29,6 +33,8 @@ def test_earlier_defaults_names_what_differs_from_today(tmp_path: Path) -> None:
     assert _earlier_defaults(tmp_path, "before_ceiling") == ["MM-BD ascent of 100 steps"]
     assert _earlier_defaults(tmp_path, "with_ceiling") == ["bound ceiling max"]
     assert _earlier_defaults(tmp_path, "missing") == []
+    assert _earlier_defaults(tmp_path, "no_range") == ["no range detector"]
+    assert _earlier_defaults(tmp_path, "before_range") == ["no range detector"]
 
 
 def test_guard_figures_count_the_range_detectors_flags() -> None:

@@ -190,7 +190,7 @@ def test_the_artifact_carries_the_ratios_output_and_its_null(
     assert art.range_output == "activation_ratio" and art.range_null is not None
     assert "## Range detector" in (out / "report.md").read_text()
     # the learned bounds are a plain calibration's: the range detector only adds a test
-    plain, _ = _calibrate_tiny(tmp_path / "plain", *SMALL, *ITERS)
+    plain, _ = _calibrate_tiny(tmp_path / "plain", "--no-range-detector", *SMALL, *ITERS)
     assert manifest["files"]["bounded"]["sha256"] == plain["files"]["bounded"]["sha256"]
     assert manifest["files"]["original"]["sha256"] != plain["files"]["original"]["sha256"]
 
@@ -303,3 +303,39 @@ def test_the_reports_false_positive_rate_counts_the_range_flags() -> None:
     assert flagged[:8].all() and not flagged_alone[:8].any()
     both = heldout_figures(g, gz, y, cfg, None, ratios)
     assert both["false_positive_rate"] == flagged.mean() >= 8 / n
+
+
+# --- on by default where the held-out set carries its null ---------------------------------
+
+
+def test_by_default_the_range_detector_is_on_when_the_heldout_set_carries_its_null() -> None:
+    from calibrate.config import CalibrationConfig
+    from calibrate.errors import CalibrationError
+
+    cfg = CalibrationConfig()
+    assert cfg.range_detector is None
+    with pytest.raises(CalibrationError, match="undecided"):
+        _ = cfg.test_level
+    # a gpd tail on each half of the held-out set: 2 x 50 images
+    assert cfg.resolve(100).range_detector is True and cfg.resolve(100).test_level == 0.0025
+    assert cfg.resolve(99).range_detector is False and cfg.resolve(99).test_level == 0.005
+    # said, it is kept (and too small a set is then refused with what it needs)
+    assert CalibrationConfig(range_detector=False).resolve(10_000).range_detector is False
+    assert CalibrationConfig(range_detector=True).resolve(10).range_detector is True
+    # an empirical null's smallest p-value 1/(n+1) must get below alpha / 2
+    emp = CalibrationConfig(range_null="empirical")
+    assert emp.resolve(400).range_detector is True and emp.resolve(399).range_detector is False
+    assert CalibrationConfig(range_null="gaussian").resolve(2).range_detector is True
+
+
+def test_a_default_calibration_says_why_its_range_detector_is_off(artifact_dir: Path) -> None:
+    from guard.artifact import MANIFEST_SCHEMA_VERSION
+
+    report = json.loads((artifact_dir / "report.json").read_text())
+    manifest = json.loads((artifact_dir / "manifest.json").read_text())
+    assert report["config"]["range_detector"] is False
+    assert "range_detector" not in manifest and manifest["schema_version"] == MANIFEST_SCHEMA_VERSION
+    off = "off: the 48 held-out images are too few for its gpd null"
+    assert report["range_detector_off"].startswith(off)
+    text = (artifact_dir / "report.md").read_text()
+    assert "## Range detector\n\nOff: the 48 held-out images are too few" in text

@@ -31,6 +31,9 @@ from tests.test_server_cuda import requires_gpu
 
 # 108 held-out images (a gpd null needs 100); few MM-BD steps: the bounds' values do not matter
 SMALL = ("--heldout-fraction", "0.9", "--mmbd-steps", "10")
+# 108 held-out images: enough for the range detector's null, which would be on by default; these
+# tests are of the start detector alone
+NO_RANGE = "--no-range-detector"
 
 
 def _poisoned() -> np.ndarray:
@@ -90,7 +93,7 @@ def test_decide_flags_on_either_statistic_at_half_alpha_and_corrects_with_learne
 def start_artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
     out = tmp_path_factory.mktemp("start") / "art"
     manifest, report = _calibrate_tiny(
-        out, "--start-detector", *SMALL, "--max-iters", "4", "--min-iters", "2"
+        out, "--start-detector", NO_RANGE, *SMALL, "--max-iters", "4", "--min-iters", "2"
     )
     return out, manifest, report
 
@@ -99,7 +102,7 @@ def start_artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict
 def detect_artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
     """The same calibration stopped after its first iteration: the start detector's bounds."""
     out = tmp_path_factory.mktemp("detect") / "art"
-    manifest, report = _calibrate_tiny(out, "--schedule", "detect", *SMALL)
+    manifest, report = _calibrate_tiny(out, "--schedule", "detect", NO_RANGE, *SMALL)
     return out, manifest, report
 
 
@@ -266,7 +269,7 @@ def test_start_detector_refuses_mmom(tmp_path: Path) -> None:
 
 def test_start_detector_refuses_a_single_iteration(tmp_path: Path) -> None:
     out = tmp_path / "art"
-    code, _, err = run_cli(_tiny_args(out, "--start-detector", "--schedule", "detect", *SMALL))
+    code, _, err = run_cli(_tiny_args(out, "--start-detector", "--schedule", "detect", NO_RANGE, *SMALL))
     _assert_one_line_error(code, err, "--start-detector", "one MMAC iteration")
     _nothing_written(tmp_path, out)
 
