@@ -1,10 +1,12 @@
 """Serving benchmark: what the guard costs, in process and end to end, against the original network.
 
 In one run, on one artifact and one onnxruntime provider:
-  (a) onnxruntime in this process, the original network alone (GuardEngine.original_logits);
+  (a) onnxruntime in this process, the original network alone (GuardEngine.original_logits of
+      an engine with original_only: without the range detector's output);
   (b) in-process guard inference, both networks and the MMDF decision (GuardEngine.decide);
   (c) the guard server (`mmguard serve`, mode enforce) end to end;
-  (d) the same server in mode unguarded, which runs the original network alone.
+  (d) the same server in mode unguarded, which runs the original network alone (without the
+      range detector's output).
 (a) and (b) run in interleaved rounds at batch 1 and at the servers' --max-batch-size. (c) and (d)
 are `mmguard serve` subprocesses on 127.0.0.1, both up for the whole run; a separate client process
 (benchmarks.loadgen: stock tritonclient, batch-1 requests of one fixed input back to back) drives
@@ -143,13 +145,16 @@ def time_rounds(fns: Mapping[str, Callable[[], object]], duration_s: float) -> d
     return times
 
 
-def in_process(engine: Any, x: np.ndarray, batches: tuple[int, ...], duration_s: float) -> dict:
-    """(a) and (b) at each batch size (the one input repeated), interleaved; then each one's
-    CPU milliseconds per input, measured alone for a quarter of `duration_s`."""
+def in_process(
+    engine: Any, plain: Any, x: np.ndarray, batches: tuple[int, ...], duration_s: float
+) -> dict:
+    """(a) (`plain`: an engine of the original network alone) and (b) (`engine`) at each batch
+    size (the one input repeated), interleaved; then each one's CPU milliseconds per input,
+    measured alone for a quarter of `duration_s`."""
     out: dict[str, dict] = {"original": {}, "guard": {}}
     for batch in batches:
         xb = np.repeat(x, batch, axis=0)
-        fns = {"original": partial(engine.original_logits, xb), "guard": partial(engine.decide, xb)}
+        fns = {"original": partial(plain.original_logits, xb), "guard": partial(engine.decide, xb)}
         times = time_rounds(fns, duration_s)
         for name, t in times.items():
             out[name][f"batch{batch}"] = summary(t, sum(t), batch)
@@ -490,10 +495,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.max_batch_size} ...",
         flush=True,
     )
-    results["in_process"] = in_process(engine, x, (1, args.max_batch_size), args.duration_s)
+    plain = GuardEngine(art, args.device, threads, original_only=True)
+    results["in_process"] = in_process(engine, plain, x, (1, args.max_batch_size), args.duration_s)
     print("bounded/original onnxruntime cost (CPUExecutionProvider) ...", flush=True)
     results["bounded_cost"] = bounded_cost(art, threads, args.cost_rounds, args.input_seed)
-    del engine  # its sessions' memory and threads are not needed while the servers run
+    del engine, plain  # their sessions' memory and threads are not needed while servers run
     with ExitStack() as stack:
         flags = server_flags(args)
         servers = {

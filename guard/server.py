@@ -36,7 +36,7 @@ from guard.quarantine import Quarantine
 from guard.servicer import SERVICE_NAME, InferenceServicer
 
 log = logging.getLogger("guard.server")
-EngineFactory = Callable[[Artifact, Device, int], Engine]
+EngineFactory = Callable[..., Engine]  # (artifact, device, threads[, original_only=True])
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 # The shutdown's lame-duck phase (see GuardServer.stop) ends once no call has reached the server
 # for QUIET_S, or LAME_DUCK_MAX_S after the last running call finished, whichever comes first.
@@ -57,10 +57,12 @@ def usable_cpus() -> int:
     return cpus
 
 
-def default_engine(artifact: Artifact, device: Device, threads: int) -> Engine:
+def default_engine(
+    artifact: Artifact, device: Device, threads: int, original_only: bool = False
+) -> Engine:
     from guard.engine import GuardEngine
 
-    return GuardEngine(artifact, device, threads)
+    return GuardEngine(artifact, device, threads, original_only=original_only)
 
 
 def _credentials(tls: TlsConfig) -> grpc.ServerCredentials:
@@ -247,7 +249,10 @@ async def create_server(
     loop). Raises ArtifactError, EngineError or OSError (a file, the address) naming the problem."""
     artifact = load_artifact(config.artifact_dir)
     threads = config.threads or usable_cpus()
-    engine = engine_factory(artifact, config.device, threads)
+    if config.mode == "unguarded":  # the original network alone, as the baseline it stands for
+        engine = engine_factory(artifact, config.device, threads, original_only=True)
+    else:
+        engine = engine_factory(artifact, config.device, threads)
     log.info("onnxruntime providers in use: %s (%d threads)", engine.providers, threads)
     if config.mode == "unguarded":
         log.warning(

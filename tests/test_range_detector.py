@@ -238,6 +238,29 @@ def test_a_real_server_serves_the_range_detector(range_artifact: tuple[Path, dic
 
 
 @pytest.mark.slow
+def test_the_unguarded_baseline_runs_the_original_without_its_ratios(
+    range_artifact: tuple[Path, dict, dict],
+) -> None:
+    from guard.artifact import load_artifact
+    from guard.engine import EngineError, GuardEngine
+    from tests.serving import running, serve_config
+
+    art = load_artifact(range_artifact[0])
+    x = np.concatenate([_poisoned()[:4], _clean()[0][:4]])
+    full = GuardEngine(art, "cpu", threads=1)
+    plain = GuardEngine(art, "cpu", threads=1, original_only=True)
+    (session,) = plain._sessions  # one network, one output: the ratios' nodes are gone
+    assert [o.name for o in session.get_outputs()] == ["logits"]
+    np.testing.assert_allclose(plain.original_logits(x), full.logits(x).original, rtol=1e-5)
+    with pytest.raises(EngineError, match="original network alone"):
+        plain.logits(x)
+    with running(serve_config(range_artifact[0], mode="unguarded")) as srv:
+        res = _infer(srv.url, x)
+    assert res.as_numpy("label").tolist() == full.logits(x).original.argmax(1).tolist()
+    assert not res.as_numpy("flagged").any()
+
+
+@pytest.mark.slow
 def test_range_and_start_detectors_together(tmp_path: Path) -> None:
     from guard.artifact import RANGE_SCHEMA_VERSION, load_artifact
     from guard.engine import GuardEngine
