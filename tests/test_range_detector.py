@@ -357,7 +357,9 @@ def test_a_default_calibration_says_why_its_range_detector_is_off(artifact_dir: 
     report = json.loads((artifact_dir / "report.json").read_text())
     manifest = json.loads((artifact_dir / "manifest.json").read_text())
     assert report["config"]["range_detector"] is False
-    assert "range_detector" not in manifest and manifest["schema_version"] == MANIFEST_SCHEMA_VERSION
+    assert (
+        "range_detector" not in manifest and manifest["schema_version"] == MANIFEST_SCHEMA_VERSION
+    )
     off = "off: the 48 held-out images are too few for its gpd null"
     assert report["range_detector_off"].startswith(off)
     text = (artifact_dir / "report.md").read_text()

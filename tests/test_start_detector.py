@@ -269,7 +269,9 @@ def test_start_detector_refuses_mmom(tmp_path: Path) -> None:
 
 def test_start_detector_refuses_a_single_iteration(tmp_path: Path) -> None:
     out = tmp_path / "art"
-    code, _, err = run_cli(_tiny_args(out, "--start-detector", "--schedule", "detect", NO_RANGE, *SMALL))
+    code, _, err = run_cli(
+        _tiny_args(out, "--start-detector", "--schedule", "detect", NO_RANGE, *SMALL)
+    )
     _assert_one_line_error(code, err, "--start-detector", "one MMAC iteration")
     _nothing_written(tmp_path, out)
 
