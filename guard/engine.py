@@ -61,7 +61,8 @@ def _session(
         import onnx.utils
 
         model = onnx.load(str(path))
-        inputs = [i.name for i in model.graph.input]
+        weights = {t.name for t in model.graph.initializer}  # listed as inputs by older exports
+        inputs = [i.name for i in model.graph.input if i.name not in weights]
         pruned = onnx.utils.Extractor(model).extract_model(inputs, outputs)
         return ort.InferenceSession(pruned.SerializeToString(), opts, providers=providers)
     except Exception as exc:  # onnxruntime raises its own RuntimeError subclasses
