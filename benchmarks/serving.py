@@ -462,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     import onnxruntime as ort
 
+    from calibrate.errors import CalibrationError
     from guard.artifact import load_artifact
     from guard.engine import GuardEngine
     from guard.server import usable_cpus
@@ -470,11 +471,15 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or usable_cpus()
     engine = GuardEngine(art, args.device, threads)
     images = None
-    if args.images is not None:
-        from calibrate.dataset import load_clean_set
+    try:
+        if args.images is not None:
+            from calibrate.dataset import load_clean_set
 
-        images = load_clean_set(args.images, min_per_class=1).images
-    x, what, flagged = pick_input(engine, art.input.shape, args.input_seed, images)
+            images = load_clean_set(args.images, min_per_class=1).images
+        x, what, flagged = pick_input(engine, art.input.shape, args.input_seed, images)
+    except (CalibrationError, ValueError, OSError) as exc:  # a bad --images, or a wrong shape
+        print(f"benchmarks.serving: {exc}", file=sys.stderr)
+        return 2
     # the clients send exactly this tensor; kept beside the JSON, so a run can be repeated
     args.input_npy = args.json.with_name(args.json.stem + "-input.npy")
     args.input_npy.parent.mkdir(parents=True, exist_ok=True)
