@@ -160,8 +160,11 @@ def test_the_range_network_is_the_original_with_its_ratios() -> None:
 
 @pytest.fixture(scope="module")
 def range_artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
+    """A default calibration: its 108 held-out images carry the range detector's gpd null, so
+    it is on without being asked for (test_range_and_start_detectors_together asks)."""
     out = tmp_path_factory.mktemp("range") / "art"
-    manifest, report = _calibrate_tiny(out, "--range-detector", *SMALL, *ITERS)
+    manifest, report = _calibrate_tiny(out, *SMALL, *ITERS)
+    assert report["config"]["range_detector"] is True and "range_detector_off" not in report
     return out, manifest, report
 
 
