@@ -115,6 +115,24 @@ REFERENCE_SCHEDULE = ScheduleConfig(
 DETECT_SCHEDULE = ScheduleConfig(max_iters=1, min_iters=0, overtime_iters=0)
 
 
+def null_size_problem(kind: NullKind, n_heldout: int, level: float) -> str | None:
+    """Why `n_heldout` held-out statistics cannot carry a null of `kind` tested at `level`, or
+    None: a gpd tail is fitted on each half of them (the report's cross-fitted false-positive
+    rate), and an empirical null's smallest p-value, 1/(n+1), must get below the level."""
+    need = 2 * gpd_min_samples()
+    if kind == "gpd" and n_heldout < need:
+        return (
+            f"gpd null needs at least {need} held-out images (the report's false-positive rate "
+            f"fits one on each half), got {n_heldout}"
+        )
+    if kind == "empirical" and (n_heldout + 1) * level <= 1:
+        return (
+            f"empirical null from {n_heldout} held-out images cannot give p < {level} (its "
+            f"smallest p-value is 1/{n_heldout + 1})"
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class CalibrationConfig:
     """Everything that decides the bounds, the null and the decision rule."""
@@ -210,14 +228,11 @@ class CalibrationConfig:
         return dataclasses.asdict(self)
 
     def range_detector_fits(self, n_heldout: int) -> bool:
-        """Whether `n_heldout` held-out images can carry the range detector's null: a `gpd`
-        tail on each half (the report's cross-fitted FPR), an empirical null able to reach its
-        level. The learned statistic's own null is checked elsewhere, and refused, not skipped."""
-        if self.range_null == "gpd":
-            return n_heldout >= 2 * gpd_min_samples()
-        if self.range_null == "empirical":
-            return (n_heldout + 1) * self.alpha / (2 + int(self.start_detector)) > 1
-        return n_heldout >= 2
+        """Whether `n_heldout` held-out images can carry the range detector's null at its level
+        (`null_size_problem`). The learned statistic's own null is checked in calibration, and
+        refused, not skipped."""
+        level = dataclasses.replace(self, range_detector=True).test_level
+        return n_heldout >= 2 and null_size_problem(self.range_null, n_heldout, level) is None
 
     def resolve(self, n_heldout: int) -> CalibrationConfig:
         """This config with `range_detector` decided: None becomes whether it fits."""

@@ -18,7 +18,7 @@ from torch import nn
 from calibrate.artifact import check_output, library_versions, staging_dir, write_manifest
 from calibrate.ascent import AscentSettings, maximize_margins, random_starts
 from calibrate.bounded import BoundedNetwork, Normalized
-from calibrate.config import CalibrationConfig
+from calibrate.config import CalibrationConfig, null_size_problem
 from calibrate.dataset import CleanSet, load_clean_set, split_clean_set
 from calibrate.errors import CalibrationError
 from calibrate.evaluation import heldout_figures
@@ -41,7 +41,6 @@ from guard.mmdf import (
     GPD_MIN_SHAPE,
     RANGE_GPD_MIN_SHAPE,
     fit_null,
-    gpd_min_samples,
     range_statistic,
     statistic,
     threshold,
@@ -102,26 +101,19 @@ def _check_finite(logits: torch.Tensor, what: str) -> None:
 
 
 def _check_null_size(cfg: CalibrationConfig, n_heldout: int) -> None:
-    """An empirical null's smallest p-value is 1/(n+1): refuse one that can never flag; a gpd
-    null needs enough held-out statistics for its tail. Both for each null in use."""
+    """Refuse a null the held-out set cannot carry (`null_size_problem`), for each null in use."""
     nulls = [("", "--null", cfg.null)]
     if cfg.start_detector:
         nulls.append(("the start detector's ", "--start-null", cfg.start_null))
     if cfg.range_detector:
         nulls.append(("the range detector's ", "--range-null", cfg.range_null))
-    need = 2 * gpd_min_samples()  # the report's cross-fit fits one on each half
     for whose, flag, kind in nulls:
-        if kind == "gpd" and n_heldout < need:
+        problem = null_size_problem(kind, n_heldout, cfg.test_level)
+        if problem is not None:
+            article, other = ("an ", "gaussian") if kind == "empirical" else ("a ", "yeojohnson")
             raise CalibrationError(
-                f"{whose or 'a '}gpd null needs at least {need} held-out images (the report's "
-                f"false-positive rate fits one on each half), got {n_heldout}; use more clean "
-                f"images, a larger --heldout-fraction, or {flag} yeojohnson"
-            )
-        if kind == "empirical" and (n_heldout + 1) * cfg.test_level <= 1:
-            raise CalibrationError(
-                f"{whose or 'an '}empirical null from {n_heldout} held-out images cannot give "
-                f"p < {cfg.test_level} (its smallest p-value is 1/{n_heldout + 1}); use more "
-                f"clean images, a larger --heldout-fraction, or {flag} gaussian"
+                f"{whose or article}{problem}; use more clean images, a larger "
+                f"--heldout-fraction, or {flag} {other}"
             )
 
 
