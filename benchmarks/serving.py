@@ -173,6 +173,7 @@ def bounded_cost(artifact: Any, threads: int, rounds: int, seed: int) -> dict:
     import onnx
 
     from benchmarks.bounded_cost import identity_after_residuals, session, time_interleaved
+    from guard.engine import cut_to_outputs
 
     paths = {"original": artifact.original_path, "bounded": artifact.bounded_path}
     with tempfile.TemporaryDirectory() as tmp:
@@ -181,10 +182,8 @@ def bounded_cost(artifact: Any, threads: int, rounds: int, seed: int) -> dict:
             # bounded network and the floor are compared with what a plain original costs;
             # "ranged" is the artifact's original.onnx, timed beside it
             paths["ranged"], paths["original"] = paths["original"], Path(tmp) / "plain.onnx"
-            onnx.utils.extract_model(
-                str(paths["ranged"]), str(paths["original"]), [artifact.input.name],
-                [artifact.output_name],
-            )  # fmt: skip
+            plain = cut_to_outputs(paths["ranged"], [artifact.output_name])
+            onnx.save(plain, str(paths["original"]))
         floor, added = identity_after_residuals(onnx.load(str(paths["original"])))
         paths["floor"] = Path(tmp) / "floor.onnx"
         onnx.save(floor, str(paths["floor"]))
@@ -224,8 +223,8 @@ def pick_input(
                 f"--images holds inputs of shape {list(images.shape[1:])}; the artifact takes "
                 f"{list(shape)}"
             )
-        candidates = [(images[i : i + 1], f"image {i} of --images") for i in range(64)]
-        candidates = candidates[: len(images)]
+        n = min(64, len(images))
+        candidates = [(images[i : i + 1], f"image {i} of --images") for i in range(n)]
     else:
         candidates = [
             (fixed_input(shape, s), f"uniform random, seed {s}") for s in range(seed, seed + 20)

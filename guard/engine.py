@@ -45,6 +45,18 @@ def choose_providers(device: Device, available: list[str]) -> list[str]:
     return [CUDA, CPU] if cuda_ok else [CPU]
 
 
+def cut_to_outputs(path: Path, outputs: list[str]) -> Any:
+    """The ONNX network at `path` cut down to the nodes `outputs` need (an onnx ModelProto):
+    onnxruntime computes every node of a graph whichever outputs a run asks for."""
+    import onnx
+    import onnx.utils
+
+    model = onnx.load(str(path))
+    weights = {t.name for t in model.graph.initializer}  # listed as inputs by older exports
+    inputs = [i.name for i in model.graph.input if i.name not in weights]
+    return onnx.utils.Extractor(model).extract_model(inputs, outputs)
+
+
 def _session(
     ort: Any, path: Path, opts: Any, providers: list[str], outputs: list[str] | None = None
 ) -> Any:
@@ -57,14 +69,8 @@ def _session(
     try:
         if outputs is None:
             return ort.InferenceSession(str(path), opts, providers=providers)
-        import onnx
-        import onnx.utils
-
-        model = onnx.load(str(path))
-        weights = {t.name for t in model.graph.initializer}  # listed as inputs by older exports
-        inputs = [i.name for i in model.graph.input if i.name not in weights]
-        pruned = onnx.utils.Extractor(model).extract_model(inputs, outputs)
-        return ort.InferenceSession(pruned.SerializeToString(), opts, providers=providers)
+        pruned = cut_to_outputs(path, outputs).SerializeToString()
+        return ort.InferenceSession(pruned, opts, providers=providers)
     except Exception as exc:  # onnxruntime raises its own RuntimeError subclasses
         raise EngineError(f"onnxruntime cannot load {path.name}: {exc}") from None
 
