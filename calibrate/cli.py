@@ -161,7 +161,8 @@ def _add_method_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="also test how far the original network's activations leave their clean range (a "
         "second output of original.onnx: no extra network per request). Default: on when the "
-        "held-out set can carry its null (100 images with --range-null gpd), else off",
+        "clean images can carry its null (with --range-null gpd, 50 in each half's fit: the "
+        "learning images and half the held-out ones), else off",
     )
     m.add_argument(
         "--range-null",

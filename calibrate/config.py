@@ -115,20 +115,32 @@ REFERENCE_SCHEDULE = ScheduleConfig(
 DETECT_SCHEDULE = ScheduleConfig(max_iters=1, min_iters=0, overtime_iters=0)
 
 
-def null_size_problem(kind: NullKind, n_heldout: int, level: float) -> str | None:
+def null_size_problem(
+    kind: NullKind, n_heldout: int, level: float, n_always: int = 0
+) -> str | None:
     """Why `n_heldout` held-out statistics cannot carry a null of `kind` tested at `level`, or
     None: a gpd tail is fitted on each half of them (the report's cross-fitted false-positive
-    rate), and an empirical null's smallest p-value, 1/(n+1), must get below the level."""
-    need = 2 * gpd_min_samples()
-    if kind == "gpd" and n_heldout < need:
+    rate), and an empirical null's smallest p-value, 1/(n+1), must get below the level.
+    `n_always`: statistics of other clean images that the null and each half's fit also have
+    (the range detector's leave-one-out statistics of the learning images)."""
+    need = gpd_min_samples()
+    if kind == "gpd" and n_heldout // 2 + n_always < need:
+        if not n_always:
+            return (
+                f"gpd null needs at least {2 * need} held-out images (the report's "
+                f"false-positive rate fits one on each half), got {n_heldout}"
+            )
         return (
-            f"gpd null needs at least {need} held-out images (the report's false-positive rate "
-            f"fits one on each half), got {n_heldout}"
+            f"gpd null needs at least {need} clean images in each fit (the report's "
+            f"false-positive rate fits one on the {n_always} learning images and each half of "
+            f"the {n_heldout} held-out ones), got {n_always + n_heldout // 2}"
         )
-    if kind == "empirical" and (n_heldout + 1) * level <= 1:
+    n = n_heldout + n_always
+    if kind == "empirical" and (n + 1) * level <= 1:
+        images = "held-out images" if not n_always else "clean images"
         return (
-            f"empirical null from {n_heldout} held-out images cannot give p < {level} (its "
-            f"smallest p-value is 1/{n_heldout + 1})"
+            f"empirical null from {n} {images} cannot give p < {level} (its smallest p-value "
+            f"is 1/{n + 1})"
         )
     return None
 
@@ -174,12 +186,13 @@ class CalibrationConfig:
     # (held-out clean FPR <= 1% on 9 of 11 benchmark models; `yeojohnson` over 1% on 10)
     start_null: NullKind = "gpd"
     # a detection statistic with no extra network: per bound site, the largest activation of
-    # the ORIGINAL network relative to its channel's largest on the clean learning images; the
+    # the ORIGINAL network relative to its channel's largest on the clean images; the
     # statistic is the largest over the sites (guard.mmdf.range_statistic), under its own null
     # (`range_null`). original.onnx gets it as a second output, so each request still costs
     # two forward passes. Combined with the learned statistic's p-value by Bonferroni (each at
-    # alpha / 2). None (the default): on when the held-out set is large enough for its null
-    # (`resolve`), else off and the report says why. On the CIFAR-10 benchmark it took
+    # alpha / 2). Its null is fitted on every clean image's statistic against the others'
+    # maxima (leave one out). None (the default): on when the clean images are enough for
+    # that null (`resolve`), else off and the report says why. On the CIFAR-10 benchmark it took
     # full-width WaNet (poisoned per batch) from 10.1% to 0.6% guarded ASR and lowered the
     # clean FPR on most models (docs/RESULTS.md).
     range_detector: bool | None = None
@@ -227,18 +240,23 @@ class CalibrationConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def range_detector_fits(self, n_heldout: int) -> bool:
-        """Whether `n_heldout` held-out images can carry the range detector's null at its level
-        (`null_size_problem`). The learned statistic's own null is checked in calibration, and
-        refused, not skipped."""
+    def range_detector_fits(self, n_heldout: int, n_learning: int = 0) -> bool:
+        """Whether the clean images can carry the range detector's null at its level
+        (`null_size_problem`): it is fitted on the `n_learning` learning images' leave-one-out
+        statistics and the `n_heldout` held-out images'. The learned statistic's own null is
+        checked in calibration, and refused, not skipped."""
         level = dataclasses.replace(self, range_detector=True).test_level
-        return n_heldout >= 2 and null_size_problem(self.range_null, n_heldout, level) is None
+        return (
+            n_heldout >= 2
+            and null_size_problem(self.range_null, n_heldout, level, n_learning) is None
+        )
 
-    def resolve(self, n_heldout: int) -> CalibrationConfig:
+    def resolve(self, n_heldout: int, n_learning: int = 0) -> CalibrationConfig:
         """This config with `range_detector` decided: None becomes whether it fits."""
         if self.range_detector is not None:
             return self
-        return dataclasses.replace(self, range_detector=self.range_detector_fits(n_heldout))
+        fits = self.range_detector_fits(n_heldout, n_learning)
+        return dataclasses.replace(self, range_detector=fits)
 
     @property
     def test_level(self) -> float:

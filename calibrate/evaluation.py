@@ -32,11 +32,13 @@ def cross_fitted_decisions(
     disagreement: bool,
     gs: np.ndarray | None = None,
     ratios: np.ndarray | None = None,
+    range_extra: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Guarded labels and flags for every held-out image, each decided by a null fitted on the
     other fold, so the flag rate estimates the false-positive rate honestly. gs: the start
     detector's logits, ratios: the range detector's activation ratios (their nulls are
-    cross-fitted the same way), or None."""
+    cross-fitted the same way), or None. range_extra: range statistics of other clean images
+    (the learning images' leave-one-out ones) that every fold's range null is also fitted on."""
     n = g.shape[0]
     order = np.random.default_rng(cfg.seed + 7).permutation(n)
     folds = (order[: n // 2], order[n // 2 :])
@@ -53,7 +55,10 @@ def cross_fitted_decisions(
             start = StartDetector(gs[eval_idx], fit_null(d_start[fit_idx], cfg.start_null))
         ranged = None
         if ratios is not None and d_range is not None:
-            null_r = fit_null(d_range[fit_idx], cfg.range_null, RANGE_GPD_MIN_SHAPE)
+            fit_on = d_range[fit_idx]
+            if range_extra is not None:
+                fit_on = np.concatenate([fit_on, range_extra])
+            null_r = fit_null(fit_on, cfg.range_null, RANGE_GPD_MIN_SHAPE)
             ranged = RangeDetector(ratios[eval_idx], null_r)
         dec = decide(g[eval_idx], gz[eval_idx], null, rule, start, ranged)
         labels[eval_idx] = dec.label
@@ -68,14 +73,18 @@ def heldout_figures(
     cfg: CalibrationConfig,
     gs: np.ndarray | None = None,
     ratios: np.ndarray | None = None,
+    range_extra: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Accuracy and cross-fitted false-positive rates on the held-out images; with the start
-    detector's logits gs and/or the range detector's ratios, the flags are the combined
-    rule's."""
+    detector's logits gs and/or the range detector's ratios (and range_extra, as
+    `cross_fitted_decisions` takes it), the flags are the combined rule's."""
     if g.shape[0] < 4:
         raise ValueError(f"need at least 4 held-out images for the figures, got {g.shape[0]}")
     c, cz = g.argmax(axis=1), gz.argmax(axis=1)
-    by_rule = {dis: cross_fitted_decisions(g, gz, cfg, dis, gs, ratios) for dis in (False, True)}
+    by_rule = {
+        dis: cross_fitted_decisions(g, gz, cfg, dis, gs, ratios, range_extra)
+        for dis in (False, True)
+    }
     labels, flagged = by_rule[cfg.flag_on_disagreement]
     flagged_plain, flagged_dis = by_rule[False][1], by_rule[True][1]
     return {

@@ -31,7 +31,8 @@ from calibrate.rangeprobe import (
     RANGE_FLOOR,
     RATIO_OUTPUT,
     RangeNetwork,
-    clean_maxima,
+    leave_one_out_ratios,
+    per_image_maxima,
     ratio_denominators,
 )
 from calibrate.report import write_report
@@ -100,15 +101,16 @@ def _check_finite(logits: torch.Tensor, what: str) -> None:
         raise CalibrationError(f"the model produces NaN/inf logits on {what} image #{int(bad[0])}")
 
 
-def _check_null_size(cfg: CalibrationConfig, n_heldout: int) -> None:
-    """Refuse a null the held-out set cannot carry (`null_size_problem`), for each null in use."""
-    nulls = [("", "--null", cfg.null)]
+def _check_null_size(cfg: CalibrationConfig, n_heldout: int, n_learning: int) -> None:
+    """Refuse a null the clean images cannot carry (`null_size_problem`), for each null in use:
+    the held-out images, and for the range detector the learning images as well."""
+    nulls = [("", "--null", cfg.null, 0)]
     if cfg.start_detector:
-        nulls.append(("the start detector's ", "--start-null", cfg.start_null))
+        nulls.append(("the start detector's ", "--start-null", cfg.start_null, 0))
     if cfg.range_detector:
-        nulls.append(("the range detector's ", "--range-null", cfg.range_null))
-    for whose, flag, kind in nulls:
-        problem = null_size_problem(kind, n_heldout, cfg.test_level)
+        nulls.append(("the range detector's ", "--range-null", cfg.range_null, n_learning))
+    for whose, flag, kind, n_always in nulls:
+        problem = null_size_problem(kind, n_heldout, cfg.test_level, n_always)
         if problem is not None:
             article, other = ("an ", "gaussian") if kind == "empirical" else ("a ", "yeojohnson")
             raise CalibrationError(
@@ -215,12 +217,13 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
     k = len(clean.class_names)
     model = _prepare_model(job, clean)
     learn, held = split_clean_set(clean, cfg.heldout_fraction, cfg.seed)
-    cfg = cfg.resolve(int(held.labels.size))  # the range detector on when its null fits
-    _check_null_size(cfg, int(held.labels.size))
     x_learn = torch.from_numpy(learn.images)
     learn_logits = batched_logits(model, x_learn, cfg.batch_size)
     _check_finite(learn_logits, "learning")
     x_d, ref, dropped = _learning_set(cfg, learn, learn_logits)
+    n_held, n_learning = int(held.labels.size), int(x_d.shape[0])
+    cfg = cfg.resolve(n_held, n_learning)  # the range detector on when its null fits
+    _check_null_size(cfg, n_held, n_learning)
     per_class = cfg.starts_per_class or int(min(learn.per_class_counts()))
     chw = tuple(int(v) for v in x_learn.shape[1:])
     net = BoundedNetwork(model, x_d[:2])
@@ -278,6 +281,7 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
             cfg,
             gs_held,
             None if ranged is None else ranged.heldout_ratios,
+            None if ranged is None else ranged.learning_stats,
         )
     except ValueError as exc:  # e.g. every held-out statistic equal, or a tail of ties
         raise CalibrationError(f"cannot fit a null on a half of the held-out set: {exc}") from None
@@ -355,14 +359,15 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
             }
         if ranged is None and job.config.range_detector is None:
             report["range_detector_off"] = (
-                f"off: the {held.labels.size} held-out images are too few for its "
-                f"{cfg.range_null} null (--range-detector requires it and says what it needs)"
+                f"off: the {n_learning} learning and {n_held} held-out images are too few for "
+                f"its {cfg.range_null} null (--range-detector requires it and says what it needs)"
             )
         if ranged is not None:
-            range_info = _null_info(ranged.null, ranged.heldout_stats, cfg)
+            range_info = _null_info(ranged.null, ranged.stats, cfg)
             report["range_detector"] = {
                 "null": range_info,
-                "clean_statistics": [float(v) for v in ranged.heldout_stats],
+                "clean_statistics": [float(v) for v in ranged.stats],
+                "learning_images": ranged.n_learning,
                 "output": RATIO_OUTPUT,
                 "floor": RANGE_FLOOR,
                 "sites": _range_summary(net, ranged.maxima, ranged.heldout_ratios),
@@ -382,7 +387,9 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
                 "sites": len(net.sites),
                 "null": {**ranged.null.to_dict(), **_counts(range_info)},
                 "statistic": "max over bound sites of max_c(activation_c / clean maximum_c), "
-                f"each clean maximum at least {RANGE_FLOOR} x its site's median",
+                f"each clean maximum at least {RANGE_FLOOR} x its site's median; maxima over "
+                "the learning and held-out images, null fitted on each one's ratios against "
+                "the others' maxima (leave one out)",
                 "combination": "Bonferroni: p = min(1, m min_i p_i) over the m statistics",
             }
         manifest["onnx"]["bound_folding"] = fold_stats
@@ -418,28 +425,46 @@ def _start_network(
 
 @dataclass(frozen=True)
 class RangeFit:
-    """The range detector of a calibration: its network, the clean maxima it divides by, and
-    the held-out images' ratios, statistics and the null fitted on them."""
+    """The range detector of a calibration: its network, the clean maxima it divides by, every
+    clean image's leave-one-out ratios and statistic, and the null fitted on all of them (the
+    learning images first, then the held-out ones)."""
 
     network: RangeNetwork
     maxima: list[torch.Tensor]
-    heldout_ratios: np.ndarray
-    heldout_stats: np.ndarray
+    ratios: np.ndarray
+    stats: np.ndarray
+    n_learning: int
     null: Any
+
+    @property
+    def heldout_ratios(self) -> np.ndarray:
+        return self.ratios[self.n_learning :]
+
+    @property
+    def learning_stats(self) -> np.ndarray:
+        return self.stats[: self.n_learning]
 
 
 def fit_range_detector(
     net: BoundedNetwork, x_d: torch.Tensor, x_held: torch.Tensor, cfg: CalibrationConfig
 ) -> RangeFit:
     """The range detector at `net`'s bound sites: per channel the ORIGINAL network's maximum
-    on the learning images x_d (whatever bounds `net` holds now), the ratios and statistics of
-    the held-out images x_held, and their null (`gpd` tail shape at 0 or above)."""
-    maxima = clean_maxima(net, x_d, cfg.batch_size)
-    network = RangeNetwork(net, maxima)
-    ratios = network.ratios(x_held, cfg.batch_size).numpy()
+    over every clean image, the learning images x_d and the held-out x_held (whatever bounds
+    `net` holds now); each image's ratios against the other images' maxima (leave one out);
+    and their null (`gpd` tail shape at 0 or above), fitted on all of them."""
+    per_image = [
+        torch.cat(pair)
+        for pair in zip(
+            per_image_maxima(net, x_d, cfg.batch_size),
+            per_image_maxima(net, x_held, cfg.batch_size),
+            strict=True,
+        )
+    ]
+    maxima = [a.amax(dim=0) for a in per_image]
+    ratios = leave_one_out_ratios(per_image)
     stats = range_statistic(ratios)
     null = _fit(stats, cfg.range_null, "range detector's ", RANGE_GPD_MIN_SHAPE)
-    return RangeFit(network, maxima, ratios, stats, null)
+    return RangeFit(RangeNetwork(net, maxima), maxima, ratios, stats, int(x_d.shape[0]), null)
 
 
 def _range_summary(

@@ -1,5 +1,5 @@
 """The range detector's network: the original network with one more output, per bound site the
-largest activation relative to its channel's largest on the clean learning images.
+largest activation relative to its channel's largest on the clean calibration images.
 
 It is the original network (no bound is applied), traced at the same call sites as the bounded
 network, so the guard reads the ratios off the forward pass it runs anyway. The statistic over
@@ -9,7 +9,9 @@ them (`guard.mmdf.range_statistic`) and its null live in the torch-free guard co
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import fx, nn
 
@@ -56,22 +58,65 @@ class SiteRatio(nn.Module):
         return (per_channel * self.inv_scale).amax(dim=1, keepdim=True)
 
 
-def clean_maxima(net: BoundedNetwork, images: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    """Per site, each channel's largest activation over `images` in the ORIGINAL network (the
-    bounds are lifted while recording and restored afterwards)."""
+def per_image_maxima(
+    net: BoundedNetwork, images: torch.Tensor, batch_size: int
+) -> list[torch.Tensor]:
+    """Per site [N, C]: each image's largest activation per channel (over positions, and at
+    least 0) in the ORIGINAL network (the bounds are lifted while recording and restored
+    afterwards)."""
     saved = [b.detach().clone() for b in net.bounds()]
+    per_site: list[list[torch.Tensor]] = [[] for _ in net.sites]
+
+    def record(i: int) -> Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]:
+        def hook(_m: nn.Module, inputs: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
+            a = inputs[0].detach()
+            positions = tuple(range(2, a.dim()))
+            per_site[i].append((a.amax(dim=positions) if positions else a).clamp(min=0.0))
+
+        return hook
+
+    hooks = [m.register_forward_hook(record(i)) for i, m in enumerate(net.bound_modules())]
     try:
         with torch.no_grad():
             for b in net.bounds():
                 b.fill_(float("inf"))
-            with net.recording():
-                for i in range(0, images.shape[0], batch_size):
-                    net(images[i : i + batch_size])
-            return [m.observed_max.clone() for m in net.bound_modules()]
+            for i in range(0, images.shape[0], batch_size):
+                net(images[i : i + batch_size])
+        return [torch.cat(chunks).float() for chunks in per_site]
     finally:
+        for h in hooks:
+            h.remove()
         with torch.no_grad():
             for b, value in zip(net.bounds(), saved, strict=True):
                 b.copy_(value)
+
+
+def clean_maxima(net: BoundedNetwork, images: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Per site, each channel's largest activation over `images` in the ORIGINAL network."""
+    return [a.amax(dim=0) for a in per_image_maxima(net, images, batch_size)]
+
+
+def leave_one_out_ratios(
+    per_image: Sequence[torch.Tensor], floor: float = RANGE_FLOOR
+) -> np.ndarray:
+    """[N, S]: per site, image i's largest ratio against the (floored) channel maxima of the
+    OTHER N - 1 images, as `SiteRatio` computes a new image's against all N. A new clean
+    image's ratios against N clean images are distributed as one of these against N - 1
+    others (exchangeability), so every clean image serves the null, none is spent on it.
+    `per_image`: per site [N, C], as `per_image_maxima` returns."""
+    n = int(per_image[0].shape[0]) if per_image else 0
+    if n < 2:
+        raise CalibrationError(f"leave-one-out ratios need at least 2 images, got {n}")
+    out = np.zeros((n, len(per_image)), dtype=np.float32)
+    for s, a in enumerate(per_image):
+        a = a.float()
+        top = torch.topk(a, 2, dim=0)  # per channel the largest two and whose they are
+        for i in range(n):
+            others = torch.where(top.indices[0] == i, top.values[1], top.values[0])
+            u = ratio_denominators(others, floor)
+            inv = torch.where(u > 0, 1.0 / u, torch.zeros_like(u))
+            out[i, s] = float((a[i] * inv).max())
+    return out
 
 
 class RangeNetwork(nn.Module):

@@ -380,9 +380,11 @@ def _md_range_detector(report: Mapping[str, Any]) -> list[str]:
         "",
         "A statistic read off the original network's own forward pass (its output "
         f"`{_cell(ranged.get('output'))}`): per bound site, the largest activation relative to "
-        "its channel's largest on the clean learning images (raised to at least "
+        "its channel's largest on the clean images, learning and held-out (raised to at least "
         f"{_cell(ranged.get('floor'))} times the median over the site's active channels: the "
-        "floored ones); the statistic is the largest over the sites. The guard flags when any "
+        "floored ones); the statistic is the largest over the sites. Its null is fitted on "
+        "every clean image's statistic against the other images' maxima (leave one out), "
+        "as a new clean image's is against all of them. The guard flags when any "
         "statistic's p-value is below alpha / m (m statistics in all) and corrects with the "
         "learned bounds; the held-out false-positive rates above are the combined rule's.",
         "",
@@ -394,7 +396,7 @@ def _md_range_detector(report: Mapping[str, Any]) -> list[str]:
                 "Channels",
                 "Inactive on clean",
                 "Floored",
-                "Held-out ratio, median",
+                "Held-out ratio (vs the others), median",
                 "max",
             ],
             site_rows,

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import io
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from calibrate.errors import CalibrationError
@@ -32,3 +34,12 @@ def expect_error(fn: Callable[[], object], *parts: str) -> str:
     for part in parts:
         assert part in message, f"{part!r} not in {message!r}"
     return message
+
+
+def first_per_class(npz_path: Path, per_class: int, out: Path) -> Path:
+    """A copy of a clean-set .npz with only the first `per_class` images of each class."""
+    npz = np.load(npz_path)
+    labels = npz["labels"]
+    keep = np.concatenate([np.flatnonzero(labels == k)[:per_class] for k in np.unique(labels)])
+    np.savez(out, images=npz["images"][keep], labels=labels[keep], class_names=npz["class_names"])
+    return out

@@ -26,6 +26,8 @@ from guard.mmdf import (
     range_statistic,
     statistic,
 )
+from tests.conftest import TINY
+from tests.helpers import first_per_class
 from tests.test_cli import _calibrate_tiny
 from tests.test_start_detector import (
     SMALL,
@@ -115,9 +117,46 @@ def test_a_nearly_dead_channel_is_measured_against_the_sites_floor() -> None:
     assert not ratio_denominators(torch.zeros(3)).any()  # a site never active stays at 0
 
 
+def test_leave_one_out_ratios_known_values() -> None:
+    from calibrate.errors import CalibrationError
+    from calibrate.rangeprobe import leave_one_out_ratios
+
+    # per-image channel maxima of 3 images at two sites
+    site0 = torch.tensor([[2.0, 1.0], [4.0, 3.0], [1.0, 3.0]])  # channel 1: a tie at 3
+    site1 = torch.tensor([[1.0, 0.0], [2.0, 0.0], [1.0, 5.0]])  # channel 1: image 2 alone
+    loo = leave_one_out_ratios([site0, site1])
+    # image 0 against maxima (4, 3) and (2, 5): 0.5 and 0.5
+    # image 1 against (2, 3) and (1, 5): 2 and 2
+    # image 2 against (4, 3) (the other 3 of the tie) and (2, 0): 1, and 0.5 (channel 1 was
+    # never active on the others, so it counts 0, as SiteRatio counts a dead channel)
+    np.testing.assert_allclose(loo, [[0.5, 0.5], [2.0, 2.0], [1.0, 0.5]])
+    assert loo.dtype == np.float32
+    with pytest.raises(CalibrationError, match="at least 2 images"):
+        leave_one_out_ratios([site0[:1]])
+
+
+def test_leave_one_out_ratios_are_the_served_ratios_against_the_others() -> None:
+    """Each image's leave-one-out ratios equal what the served network (`SiteRatio`, floor
+    included) computes for it with the other images' maxima as the clean ones."""
+    from calibrate.rangeprobe import SiteRatio, leave_one_out_ratios
+
+    g = torch.Generator().manual_seed(3)
+    sites = [torch.rand(12, 6, generator=g) * 4, torch.rand(12, 9, generator=g)]
+    sites[0][:, 2] = 0.0  # never active
+    sites[0][:, 4] *= 1e-3  # nearly dead: under the floor
+    sites[1][5, 7] = 0.0
+    sites[1][:, 7] *= (torch.arange(12) == 5).float()  # active in no image: all zero
+    sites[1][3, 8] = 50.0  # one image far out of every other's range
+    loo = leave_one_out_ratios(sites)
+    for i in range(12):
+        others = torch.arange(12) != i
+        want = [SiteRatio(a[others].amax(dim=0))(a[i : i + 1]).item() for a in sites]
+        np.testing.assert_allclose(loo[i], want, rtol=1e-6)
+    assert loo[3, 1] > 10.0 and loo[:, 1].max() == loo[3, 1]
+
+
 def _tiny_network() -> tuple[torch.nn.Module, torch.Tensor]:
     from calibrate.modelsrc import ModelSource, load_model
-    from tests.conftest import TINY
 
     model = load_model(
         ModelSource(factory="calibrate.synthetic:small_cnn", weights=TINY / "model.pt"), 4
@@ -181,11 +220,14 @@ def test_the_artifact_carries_the_ratios_output_and_its_null(
     assert set(manifest["files"]) == {"original", "bounded"}  # no third network
     ranged = manifest["range_detector"]
     assert ranged["output"] == "activation_ratio" and ranged["sites"] == len(report["bounds"])
-    assert ranged["null"]["kind"] == "gpd" and ranged["null"]["n"] == 108
+    # the null is fitted on every clean image, each against the others' maxima
+    n_clean = 108 + report["split"]["learn_used"]
+    assert ranged["null"]["kind"] == "gpd" and ranged["null"]["n"] == n_clean
     assert ranged["null"]["tail_xi"] >= RANGE_GPD_MIN_SHAPE  # no finite end to its tail
     assert report["null"]["level"] == 0.0025  # each of the two statistics at alpha / 2
     assert report["range_detector"]["null"]["level"] == 0.0025
-    assert len(report["range_detector"]["clean_statistics"]) == 108
+    assert len(report["range_detector"]["clean_statistics"]) == n_clean
+    assert report["range_detector"]["learning_images"] == report["split"]["learn_used"]
     assert len(report["range_detector"]["sites"]) == ranged["sites"]
     sess = ort.InferenceSession(str(out / "original.onnx"), providers=["CPUExecutionProvider"])
     assert [o.name for o in sess.get_outputs()] == ["logits", "activation_ratio"]
@@ -217,6 +259,14 @@ def test_the_guard_combines_the_range_p_value(range_artifact: tuple[Path, dict, 
     assert d.flagged.tolist() == flagged.tolist()
     assert d.flagged[: len(_poisoned())].all() and not d.flagged[len(_poisoned()) :].any()
     np.testing.assert_array_equal(engine.original_logits(x), out.original)
+    # the clean maxima are over the held-out images too: none of them leaves its range
+    from calibrate.config import CalibrationConfig
+    from calibrate.dataset import load_clean_set, split_clean_set
+
+    _, held = split_clean_set(load_clean_set(TINY / "clean.npz"), 0.9, CalibrationConfig().seed)
+    assert len(held.labels) == 108
+    held_ratios = engine.logits(held.images).ratios
+    assert held_ratios is not None and held_ratios.max() <= 1.0 + 1e-5
 
 
 @pytest.mark.slow
@@ -331,10 +381,10 @@ def test_the_reports_false_positive_rate_counts_the_range_flags() -> None:
     assert both["false_positive_rate"] == flagged.mean() >= 8 / n
 
 
-# --- on by default where the held-out set carries its null ---------------------------------
+# --- on by default where the clean set carries its null -------------------------------------
 
 
-def test_by_default_the_range_detector_is_on_when_the_heldout_set_carries_its_null() -> None:
+def test_by_default_the_range_detector_is_on_when_the_clean_set_carries_its_null() -> None:
     from calibrate.config import CalibrationConfig
     from calibrate.errors import CalibrationError
 
@@ -345,25 +395,36 @@ def test_by_default_the_range_detector_is_on_when_the_heldout_set_carries_its_nu
     # a gpd tail on each half of the held-out set: 2 x 50 images
     assert cfg.resolve(100).range_detector is True and cfg.resolve(100).test_level == 0.0025
     assert cfg.resolve(99).range_detector is False and cfg.resolve(99).test_level == 0.005
+    # the learning images' leave-one-out statistics join each half: 50 in each fit
+    assert cfg.resolve(50, 25).range_detector is True
+    assert cfg.resolve(49, 26).range_detector is True  # 24 + 26
+    assert cfg.resolve(48, 25).range_detector is False  # 24 + 25
+    assert cfg.resolve(1, 10_000).range_detector is False  # no held-out images to cross-fit
     # said, it is kept (and too small a set is then refused with what it needs)
     assert CalibrationConfig(range_detector=False).resolve(10_000).range_detector is False
     assert CalibrationConfig(range_detector=True).resolve(10).range_detector is True
     # an empirical null's smallest p-value 1/(n+1) must get below alpha / 2
     emp = CalibrationConfig(range_null="empirical")
     assert emp.resolve(400).range_detector is True and emp.resolve(399).range_detector is False
+    assert emp.resolve(200, 200).range_detector is True
+    assert emp.resolve(200, 199).range_detector is False
     assert CalibrationConfig(range_null="gaussian").resolve(2).range_detector is True
 
 
-def test_a_default_calibration_says_why_its_range_detector_is_off(artifact_dir: Path) -> None:
+def test_a_default_calibration_says_why_its_range_detector_is_off(tmp_path: Path) -> None:
+    """10 clean images per class (4 classes): 16 held-out and at most 24 learning images, too
+    few for the range detector's gpd null; the default then calibrates without it."""
     from guard.artifact import MANIFEST_SCHEMA_VERSION
 
-    report = json.loads((artifact_dir / "report.json").read_text())
-    manifest = json.loads((artifact_dir / "manifest.json").read_text())
+    small = first_per_class(TINY / "clean.npz", 10, tmp_path / "small.npz")
+    out = tmp_path / "art"
+    manifest, report = _calibrate_tiny(out, "--data", str(small), "--mmbd-steps", "10", *ITERS)
     assert report["config"]["range_detector"] is False
     assert (
         "range_detector" not in manifest and manifest["schema_version"] == MANIFEST_SCHEMA_VERSION
     )
-    off = "off: the 48 held-out images are too few for its gpd null"
+    learn_used = report["split"]["learn_used"]
+    off = f"off: the {learn_used} learning and 16 held-out images are too few for its gpd null"
     assert report["range_detector_off"].startswith(off)
-    text = (artifact_dir / "report.md").read_text()
-    assert "## Range detector\n\nOff: the 48 held-out images are too few" in text
+    text = (out / "report.md").read_text()
+    assert f"## Range detector\n\nOff: the {learn_used} learning and 16 held-out" in text

@@ -25,7 +25,7 @@ from guard.mmdf import (
     statistic,
 )
 from tests.conftest import TINY
-from tests.helpers import run_cli
+from tests.helpers import first_per_class, run_cli
 from tests.test_cli import _assert_one_line_error, _calibrate_tiny, _nothing_written, _tiny_args
 from tests.test_server_cuda import requires_gpu
 
@@ -280,9 +280,19 @@ def test_start_detector_refuses_a_single_iteration(tmp_path: Path) -> None:
 def test_an_extra_detector_needs_enough_heldout_images_for_its_null(
     tmp_path: Path, which: str
 ) -> None:
+    """The start detector's null is fitted on the 48 held-out images of a default split; the
+    range detector's on the learning images too, so it needs a smaller set to be refused (10
+    per class: 16 held-out, at most 24 learning images)."""
     out = tmp_path / "art"
-    code, _, err = run_cli(_tiny_args(out, f"--{which}-detector"))
-    _assert_one_line_error(code, err, f"{which} detector's gpd null", "48", f"--{which}-null")
+    if which == "start":
+        code, _, err = run_cli(_tiny_args(out, "--start-detector"))
+        _assert_one_line_error(code, err, "start detector's gpd null", "48", "--start-null")
+    else:
+        small = first_per_class(TINY / "clean.npz", 10, tmp_path / "small.npz")
+        code, _, err = run_cli(_tiny_args(out, "--range-detector", "--data", str(small)))
+        _assert_one_line_error(
+            code, err, "range detector's gpd null", "16 held-out", "--range-null"
+        )
     _nothing_written(tmp_path, out)
 
 
