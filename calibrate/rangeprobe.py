@@ -107,15 +107,20 @@ def leave_one_out_ratios(
     n = int(per_image[0].shape[0]) if per_image else 0
     if n < 2:
         raise CalibrationError(f"leave-one-out ratios need at least 2 images, got {n}")
+
+    def inverse(u: torch.Tensor) -> torch.Tensor:
+        d = ratio_denominators(u, floor)
+        return torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+
     out = np.zeros((n, len(per_image)), dtype=np.float32)
     for s, a in enumerate(per_image):
         a = a.float()
         top = torch.topk(a, 2, dim=0)  # per channel the largest two and whose they are
-        for i in range(n):
+        # an image that holds no channel's maximum sees the same maxima as a new image
+        out[:, s] = (a * inverse(top.values[0])).amax(dim=1).numpy()
+        for i in torch.unique(top.indices[0]).tolist():
             others = torch.where(top.indices[0] == i, top.values[1], top.values[0])
-            u = ratio_denominators(others, floor)
-            inv = torch.where(u > 0, 1.0 / u, torch.zeros_like(u))
-            out[i, s] = float((a[i] * inv).max())
+            out[i, s] = float((a[i] * inverse(others)).max())
     return out
 
 
