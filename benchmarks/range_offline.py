@@ -5,10 +5,10 @@ about 40 minutes on this CPU, half of it MM-BD).
 The learned bounds of `mmguard calibrate --range-detector` are a plain calibration's (its
 `bounded.onnx` has the same sha256; tests/test_range_detector.py), so only the range detector's
 own parts are computed here, with the calibration pipeline's functions: the same learning
-images (the split, the seed, only those the model classifies correctly), their per-channel
-maxima in the original network, the ratios in torch and the null fitted on the same held-out
-images. The guard's decision code then combines it with the artifact's null, as `mmguard
-serve` would. Results: `.cache/bench/eval/NAME/range-offline-VARIANT.json`.
+and held-out images (the split, the seed), the per-channel maxima in the original network over
+those it classifies correctly, the ratios in torch and the null fitted on the same images.
+The guard's decision code then combines it with the artifact's null, as `mmguard serve`
+would. Results: `.cache/bench/eval/NAME/range-offline-VARIANT.json`.
 
     python -m benchmarks.range_offline wanetbatch_w64_e90   # beside its default artifact
 """
@@ -54,12 +54,17 @@ def range_parts(name: str, cache_dir: Path, art: Any) -> tuple[Any, Any]:
     split = art.manifest["split"]
     if (split["learn"], split["heldout"]) != (learn.labels.size, held.labels.size):
         raise SystemExit("the artifact was calibrated on another split")
-    x_learn = torch.from_numpy(learn.images)
-    x_d, _, _ = _learning_set(cfg, learn, batched_logits(model, x_learn, cfg.batch_size))
+    x_learn, x_held = torch.from_numpy(learn.images), torch.from_numpy(held.images)
+    g_learn = batched_logits(model, x_learn, cfg.batch_size)
+    x_d, _, _ = _learning_set(cfg, learn, g_learn)
     if x_d.shape[0] != split["learn_used"]:
         raise SystemExit("the learning images differ from the artifact's")
     net = BoundedNetwork(model, x_d[:2])
-    ranged = fit_range_detector(net, x_d, torch.from_numpy(held.images), cfg)
+    g_held = batched_logits(model, x_held, cfg.batch_size)
+    correct = np.concatenate(
+        [g_learn.argmax(1).numpy() == learn.labels, g_held.argmax(1).numpy() == held.labels]
+    )
+    ranged = fit_range_detector(net, x_learn, x_held, correct, cfg)
     return ranged.network, ranged.null
 
 

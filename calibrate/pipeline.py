@@ -221,7 +221,7 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
     learn_logits = batched_logits(model, x_learn, cfg.batch_size)
     _check_finite(learn_logits, "learning")
     x_d, ref, dropped = _learning_set(cfg, learn, learn_logits)
-    n_held, n_learning = int(held.labels.size), int(x_d.shape[0])
+    n_held, n_learning = int(held.labels.size), int(learn.labels.size)
     cfg = cfg.resolve(n_held, n_learning)  # the range detector on when its null fits
     _check_null_size(cfg, n_held, n_learning)
     per_class = cfg.starts_per_class or int(min(learn.per_class_counts()))
@@ -272,7 +272,15 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
         gs_held = batched_logits(start_net, x_held, cfg.batch_size).numpy()
         start_stats = statistic(g_held.numpy(), gs_held)
         start_null = _fit(start_stats, cfg.start_null, "start detector's ")
-    ranged = fit_range_detector(net, x_d, x_held, cfg) if cfg.range_detector else None
+    ranged = None
+    if cfg.range_detector:
+        correct = np.concatenate(
+            [
+                learn_logits.argmax(1).numpy() == learn.labels,
+                g_held.argmax(1).numpy() == held.labels,
+            ]
+        )
+        ranged = fit_range_detector(net, x_learn, x_held, correct, cfg)
     try:
         figures = heldout_figures(
             g_held.numpy(),
@@ -368,6 +376,7 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
                 "null": range_info,
                 "clean_statistics": [float(v) for v in ranged.stats],
                 "learning_images": ranged.n_learning,
+                "maxima_images": ranged.n_inside,
                 "output": RATIO_OUTPUT,
                 "floor": RANGE_FLOOR,
                 "sites": _range_summary(net, ranged.maxima, ranged.heldout_ratios),
@@ -388,8 +397,8 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
                 "null": {**ranged.null.to_dict(), **_counts(range_info)},
                 "statistic": "max over bound sites of max_c(activation_c / clean maximum_c), "
                 f"each clean maximum at least {RANGE_FLOOR} x its site's median; maxima over "
-                "the learning and held-out images, null fitted on each one's ratios against "
-                "the others' maxima (leave one out)",
+                "the correctly classified learning and held-out images, null fitted on every "
+                "clean image's ratios against the others' maxima (leave one out)",
                 "combination": "Bonferroni: p = min(1, m min_i p_i) over the m statistics",
             }
         manifest["onnx"]["bound_folding"] = fold_stats
@@ -425,15 +434,16 @@ def _start_network(
 
 @dataclass(frozen=True)
 class RangeFit:
-    """The range detector of a calibration: its network, the clean maxima it divides by, every
-    clean image's leave-one-out ratios and statistic, and the null fitted on all of them (the
-    learning images first, then the held-out ones)."""
+    """The range detector of a calibration: its network, the clean maxima it divides by (over
+    `n_inside` images), every clean image's ratios and statistic as the null sees them, and
+    the null fitted on all of them (the learning images first, then the held-out ones)."""
 
     network: RangeNetwork
     maxima: list[torch.Tensor]
     ratios: np.ndarray
     stats: np.ndarray
     n_learning: int
+    n_inside: int
     null: Any
 
     @property
@@ -446,25 +456,34 @@ class RangeFit:
 
 
 def fit_range_detector(
-    net: BoundedNetwork, x_d: torch.Tensor, x_held: torch.Tensor, cfg: CalibrationConfig
+    net: BoundedNetwork,
+    x_learn: torch.Tensor,
+    x_held: torch.Tensor,
+    correct: np.ndarray,
+    cfg: CalibrationConfig,
 ) -> RangeFit:
-    """The range detector at `net`'s bound sites: per channel the ORIGINAL network's maximum
-    over every clean image, the learning images x_d and the held-out x_held (whatever bounds
-    `net` holds now); each image's ratios against the other images' maxima (leave one out);
-    and their null (`gpd` tail shape at 0 or above), fitted on all of them."""
+    """The range detector at `net`'s bound sites. Its clean maxima: per channel the ORIGINAL
+    network's largest activation (whatever bounds `net` holds now) over the clean images it
+    classifies correctly (`correct`, over x_learn then x_held): a misclassified clean image is
+    one the network does not handle as it handles its class, and one such outlier in the
+    maxima can hide a trigger's channels. Every clean image then gets its ratios against
+    those maxima, without its own (leave one out), and the null (`gpd` tail shape at 0 or
+    above) is fitted on all of them, misclassified ones included, as clean traffic has them."""
     per_image = [
         torch.cat(pair)
         for pair in zip(
-            per_image_maxima(net, x_d, cfg.batch_size),
+            per_image_maxima(net, x_learn, cfg.batch_size),
             per_image_maxima(net, x_held, cfg.batch_size),
             strict=True,
         )
     ]
-    maxima = [a.amax(dim=0) for a in per_image]
-    ratios = leave_one_out_ratios(per_image)
+    inside = np.asarray(correct, dtype=bool)
+    maxima = [a[torch.from_numpy(inside)].amax(dim=0) for a in per_image]
+    ratios = leave_one_out_ratios(per_image, inside)
     stats = range_statistic(ratios)
     null = _fit(stats, cfg.range_null, "range detector's ", RANGE_GPD_MIN_SHAPE)
-    return RangeFit(RangeNetwork(net, maxima), maxima, ratios, stats, int(x_d.shape[0]), null)
+    network = RangeNetwork(net, maxima)
+    return RangeFit(network, maxima, ratios, stats, int(x_learn.shape[0]), int(inside.sum()), null)
 
 
 def _range_summary(

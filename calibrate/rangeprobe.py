@@ -97,30 +97,39 @@ def clean_maxima(net: BoundedNetwork, images: torch.Tensor, batch_size: int) -> 
 
 
 def leave_one_out_ratios(
-    per_image: Sequence[torch.Tensor], floor: float = RANGE_FLOOR
+    per_image: Sequence[torch.Tensor],
+    inside: np.ndarray | None = None,
+    floor: float = RANGE_FLOOR,
 ) -> np.ndarray:
-    """[N, S]: per site, image i's largest ratio against the (floored) channel maxima of the
-    OTHER N - 1 images, as `SiteRatio` computes a new image's against all N. A new clean
-    image's ratios against N clean images are distributed as one of these against N - 1
-    others (exchangeability), so every clean image serves the null, none is spent on it.
+    """[N, S]: per site, each image's largest ratio as `SiteRatio` computes a new image's, with
+    the clean maxima taken over the `inside` images (default: all) OTHER than itself. An image
+    outside them is measured against all of them, as a new image is; one inside against the
+    other N_in - 1 (leave one out). A new clean image's ratios are distributed as one of these
+    (exchangeability), so every clean image serves the null, none is spent on it.
     `per_image`: per site [N, C], as `per_image_maxima` returns."""
     n = int(per_image[0].shape[0]) if per_image else 0
-    if n < 2:
-        raise CalibrationError(f"leave-one-out ratios need at least 2 images, got {n}")
+    rows = np.arange(n) if inside is None else np.flatnonzero(inside)
+    if inside is not None and len(inside) != n:
+        raise CalibrationError(f"{len(inside)} inside flags for {n} images")
+    if rows.size < 2:
+        raise CalibrationError(
+            f"the range detector's clean maxima need at least 2 images, got {rows.size}"
+        )
 
     def inverse(u: torch.Tensor) -> torch.Tensor:
         d = ratio_denominators(u, floor)
         return torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
 
+    index = torch.from_numpy(rows)
     out = np.zeros((n, len(per_image)), dtype=np.float32)
     for s, a in enumerate(per_image):
         a = a.float()
-        top = torch.topk(a, 2, dim=0)  # per channel the largest two and whose they are
+        top = torch.topk(a[index], 2, dim=0)  # per channel the largest two and whose they are
         # an image that holds no channel's maximum sees the same maxima as a new image
         out[:, s] = (a * inverse(top.values[0])).amax(dim=1).numpy()
-        for i in torch.unique(top.indices[0]).tolist():
-            others = torch.where(top.indices[0] == i, top.values[1], top.values[0])
-            out[i, s] = float((a[i] * inverse(others)).max())
+        for j in torch.unique(top.indices[0]).tolist():
+            others = torch.where(top.indices[0] == j, top.values[1], top.values[0])
+            out[rows[j], s] = float((a[rows[j]] * inverse(others)).max())
     return out
 
 

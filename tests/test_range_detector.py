@@ -131,8 +131,18 @@ def test_leave_one_out_ratios_known_values() -> None:
     # never active on the others, so it counts 0, as SiteRatio counts a dead channel)
     np.testing.assert_allclose(loo, [[0.5, 0.5], [2.0, 2.0], [1.0, 0.5]])
     assert loo.dtype == np.float32
+    # maxima over images 0 and 1 only: image 2 is measured against both, as a new image is
+    # (1 and 0.5); image 0 against image 1 alone (0.5, 0.5), image 1 against image 0 (3, 2)
+    inside = np.array([True, True, False])
+    np.testing.assert_allclose(
+        leave_one_out_ratios([site0, site1], inside), [[0.5, 0.5], [3.0, 2.0], [1.0, 0.5]]
+    )
     with pytest.raises(CalibrationError, match="at least 2 images"):
         leave_one_out_ratios([site0[:1]])
+    with pytest.raises(CalibrationError, match="at least 2 images, got 1"):
+        leave_one_out_ratios([site0, site1], np.array([False, True, False]))
+    with pytest.raises(CalibrationError, match="2 inside flags for 3 images"):
+        leave_one_out_ratios([site0, site1], np.array([True, True]))
 
 
 def test_leave_one_out_ratios_are_the_served_ratios_against_the_others() -> None:
@@ -153,6 +163,13 @@ def test_leave_one_out_ratios_are_the_served_ratios_against_the_others() -> None
         want = [SiteRatio(a[others].amax(dim=0))(a[i : i + 1]).item() for a in sites]
         np.testing.assert_allclose(loo[i], want, rtol=1e-6)
     assert loo[3, 1] > 10.0 and loo[:, 1].max() == loo[3, 1]
+    # maxima over some of the images: the others are measured against all of those
+    inside = np.arange(12) % 3 != 0
+    part = leave_one_out_ratios(sites, inside)
+    for i in range(12):
+        among = torch.from_numpy(inside & (np.arange(12) != i))
+        want = [SiteRatio(a[among].amax(dim=0))(a[i : i + 1]).item() for a in sites]
+        np.testing.assert_allclose(part[i], want, rtol=1e-6)
 
 
 def _tiny_network() -> tuple[torch.nn.Module, torch.Tensor]:
@@ -221,13 +238,13 @@ def test_the_artifact_carries_the_ratios_output_and_its_null(
     ranged = manifest["range_detector"]
     assert ranged["output"] == "activation_ratio" and ranged["sites"] == len(report["bounds"])
     # the null is fitted on every clean image, each against the others' maxima
-    n_clean = 108 + report["split"]["learn_used"]
+    n_clean = 108 + report["split"]["learn"]
     assert ranged["null"]["kind"] == "gpd" and ranged["null"]["n"] == n_clean
     assert ranged["null"]["tail_xi"] >= RANGE_GPD_MIN_SHAPE  # no finite end to its tail
     assert report["null"]["level"] == 0.0025  # each of the two statistics at alpha / 2
     assert report["range_detector"]["null"]["level"] == 0.0025
     assert len(report["range_detector"]["clean_statistics"]) == n_clean
-    assert report["range_detector"]["learning_images"] == report["split"]["learn_used"]
+    assert report["range_detector"]["learning_images"] == report["split"]["learn"]
     assert len(report["range_detector"]["sites"]) == ranged["sites"]
     sess = ort.InferenceSession(str(out / "original.onnx"), providers=["CPUExecutionProvider"])
     assert [o.name for o in sess.get_outputs()] == ["logits", "activation_ratio"]
@@ -263,10 +280,17 @@ def test_the_guard_combines_the_range_p_value(range_artifact: tuple[Path, dict, 
     from calibrate.config import CalibrationConfig
     from calibrate.dataset import load_clean_set, split_clean_set
 
-    _, held = split_clean_set(load_clean_set(TINY / "clean.npz"), 0.9, CalibrationConfig().seed)
+    # the clean maxima are over the correctly classified images, held-out ones included: none
+    # of those leaves its range
+    learn, held = split_clean_set(load_clean_set(TINY / "clean.npz"), 0.9, CalibrationConfig().seed)
     assert len(held.labels) == 108
-    held_ratios = engine.logits(held.images).ratios
-    assert held_ratios is not None and held_ratios.max() <= 1.0 + 1e-5
+    correct = 0
+    for part in (learn, held):
+        o = engine.logits(part.images)
+        right = o.original.argmax(1) == part.labels
+        assert o.ratios is not None and o.ratios[right].max() <= 1.0 + 1e-5
+        correct += int(right.sum())
+    assert range_artifact[2]["range_detector"]["maxima_images"] == correct
 
 
 @pytest.mark.slow
@@ -423,8 +447,8 @@ def test_a_default_calibration_says_why_its_range_detector_is_off(tmp_path: Path
     assert (
         "range_detector" not in manifest and manifest["schema_version"] == MANIFEST_SCHEMA_VERSION
     )
-    learn_used = report["split"]["learn_used"]
-    off = f"off: the {learn_used} learning and 16 held-out images are too few for its gpd null"
+    assert report["split"]["learn"] == 24
+    off = "off: the 24 learning and 16 held-out images are too few for its gpd null"
     assert report["range_detector_off"].startswith(off)
     text = (out / "report.md").read_text()
-    assert f"## Range detector\n\nOff: the {learn_used} learning and 16 held-out" in text
+    assert "## Range detector\n\nOff: the 24 learning and 16 held-out" in text
