@@ -186,7 +186,8 @@ class CalibrationConfig:
     # (held-out clean FPR <= 1% on 9 of 11 benchmark models; `yeojohnson` over 1% on 10)
     start_null: NullKind = "gpd"
     # a detection statistic with no extra network: per bound site, the largest activation of
-    # the ORIGINAL network relative to its channel's largest on the clean images; the
+    # the ORIGINAL network relative to its channel's clean scale (about the 99th percentile of
+    # its per-image maxima over the correctly classified clean images); the
     # statistic is the largest over the sites (guard.mmdf.range_statistic), under its own null
     # (`range_null`). original.onnx gets it as a second output, so each request still costs
     # two forward passes. Combined with the learned statistic's p-value by Bonferroni (each at

@@ -31,9 +31,11 @@ from calibrate.rangeprobe import (
     RANGE_FLOOR,
     RATIO_OUTPUT,
     RangeNetwork,
+    clean_scales,
     leave_one_out_ratios,
     per_image_maxima,
     ratio_denominators,
+    scale_rank,
 )
 from calibrate.report import write_report
 from calibrate.scripted import script_to_fx
@@ -377,6 +379,7 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
                 "clean_statistics": [float(v) for v in ranged.stats],
                 "learning_images": ranged.n_learning,
                 "maxima_images": ranged.n_inside,
+                "scale_rank": scale_rank(ranged.n_inside),
                 "output": RATIO_OUTPUT,
                 "floor": RANGE_FLOOR,
                 "sites": _range_summary(net, ranged.maxima, ranged.heldout_ratios),
@@ -395,10 +398,11 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
                 "output": RATIO_OUTPUT,
                 "sites": len(net.sites),
                 "null": {**ranged.null.to_dict(), **_counts(range_info)},
-                "statistic": "max over bound sites of max_c(activation_c / clean maximum_c), "
-                f"each clean maximum at least {RANGE_FLOOR} x its site's median; maxima over "
-                "the correctly classified learning and held-out images, null fitted on every "
-                "clean image's ratios against the others' maxima (leave one out)",
+                "statistic": "max over bound sites of max_c(activation_c / clean scale_c); "
+                f"clean scale_c: the {scale_rank(ranged.n_inside)}-th largest per-image maximum "
+                f"over the {ranged.n_inside} correctly classified learning and held-out images, "
+                f"at least {RANGE_FLOOR} x its site's median; null fitted on every clean "
+                "image's ratios against the others' scales (leave one out)",
                 "combination": "Bonferroni: p = min(1, m min_i p_i) over the m statistics",
             }
         manifest["onnx"]["bound_folding"] = fold_stats
@@ -462,13 +466,14 @@ def fit_range_detector(
     correct: np.ndarray,
     cfg: CalibrationConfig,
 ) -> RangeFit:
-    """The range detector at `net`'s bound sites. Its clean maxima: per channel the ORIGINAL
-    network's largest activation (whatever bounds `net` holds now) over the clean images it
-    classifies correctly (`correct`, over x_learn then x_held): a misclassified clean image is
-    one the network does not handle as it handles its class, and one such outlier in the
-    maxima can hide a trigger's channels. Every clean image then gets its ratios against
-    those maxima, without its own (leave one out), and the null (`gpd` tail shape at 0 or
-    above) is fitted on all of them, misclassified ones included, as clean traffic has them."""
+    """The range detector at `net`'s bound sites. Its clean scales: per channel the k-th
+    largest (`clean_scales`) of the ORIGINAL network's per-image maxima (whatever bounds `net`
+    holds now) over the clean images it classifies correctly (`correct`, over x_learn then
+    x_held): a misclassified clean image is one the network does not handle as it handles its
+    class, and one such outlier among them can hide a trigger's channels. Every clean image
+    then gets its ratios against those scales, without its own (leave one out), and the null
+    (`gpd` tail shape at 0 or above) is fitted on all of them, misclassified ones included, as
+    clean traffic has them."""
     per_image = [
         torch.cat(pair)
         for pair in zip(
@@ -478,7 +483,7 @@ def fit_range_detector(
         )
     ]
     inside = np.asarray(correct, dtype=bool)
-    maxima = [a[torch.from_numpy(inside)].amax(dim=0) for a in per_image]
+    maxima = clean_scales(per_image, inside)
     ratios = leave_one_out_ratios(per_image, inside)
     stats = range_statistic(ratios)
     null = _fit(stats, cfg.range_null, "range detector's ", RANGE_GPD_MIN_SHAPE)

@@ -380,10 +380,13 @@ def _md_range_detector(report: Mapping[str, Any]) -> list[str]:
         "",
         "A statistic read off the original network's own forward pass (its output "
         f"`{_cell(ranged.get('output'))}`): per bound site, the largest activation relative to "
-        "its channel's largest on the clean images, learning and held-out (raised to at least "
+        "its channel's clean scale, the "
+        f"{_cell(ranged.get('scale_rank'))}-th largest of its per-image maxima over the "
+        f"{_cell(ranged.get('maxima_images'))} clean images, learning and held-out, that the "
+        "network classifies correctly (raised to at least "
         f"{_cell(ranged.get('floor'))} times the median over the site's active channels: the "
         "floored ones); the statistic is the largest over the sites. Its null is fitted on "
-        "every clean image's statistic against the other images' maxima (leave one out), "
+        "every clean image's statistic against the other images' scales (leave one out), "
         "as a new clean image's is against all of them. The guard flags when any "
         "statistic's p-value is below alpha / m (m statistics in all) and corrects with the "
         "learned bounds; the held-out false-positive rates above are the combined rule's.",

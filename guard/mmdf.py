@@ -406,8 +406,9 @@ def bonferroni(*p: np.ndarray) -> np.ndarray:
 
 def range_statistic(ratios: np.ndarray) -> np.ndarray:
     """The range detector's statistic: the largest, over the bound sites, of an input's
-    activation relative to its channel's largest on the clean calibration images. `ratios` [N, S]
-    holds, per site, max over channels (and positions) of activation / clean maximum, as the
+    activation relative to its channel's clean scale (about the 99th percentile of its
+    per-image maxima on the clean calibration images). `ratios` [N, S] holds, per site, max
+    over channels (and positions) of activation / clean scale, as the
     range detector's output of the original network computes it (channels never active on
     the clean images count 0). Returns float64 [N]."""
     r = np.asarray(ratios, dtype=np.float64)

@@ -145,31 +145,46 @@ def test_leave_one_out_ratios_known_values() -> None:
         leave_one_out_ratios([site0, site1], np.array([True, True]))
 
 
-def test_leave_one_out_ratios_are_the_served_ratios_against_the_others() -> None:
+def test_the_clean_scale_is_the_kth_largest_per_image_maximum() -> None:
+    from calibrate.rangeprobe import clean_scales, scale_rank
+
+    assert [scale_rank(n) for n in (1, 2, 99, 100, 101, 430, 700)] == [1, 1, 1, 1, 2, 5, 7]
+    # 250 images, k = 3: channel 0 counts 0..249 -> 247; channel 1 active on two images only
+    # (fewer than k) -> their largest, 7; channel 2 never active -> 0
+    a = torch.zeros(250, 3)
+    a[:, 0] = torch.arange(250.0)
+    a[10, 1], a[20, 1] = 7.0, 3.0
+    (u,) = clean_scales([a])
+    np.testing.assert_array_equal(u.numpy(), [247.0, 7.0, 0.0])
+    # over some images only: the 150 odd ones, k = 2 -> 247 and 245; channel 1 off them -> 0
+    inside = np.arange(250) % 2 == 1
+    (u,) = clean_scales([a], inside)
+    np.testing.assert_array_equal(u.numpy(), [247.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("n", [12, 230])  # k = 1 (the maximum) and k = 3
+def test_leave_one_out_ratios_are_the_served_ratios_against_the_others(n: int) -> None:
     """Each image's leave-one-out ratios equal what the served network (`SiteRatio`, floor
-    included) computes for it with the other images' maxima as the clean ones."""
-    from calibrate.rangeprobe import SiteRatio, leave_one_out_ratios
+    included) computes for it with the other images' clean scales."""
+    from calibrate.rangeprobe import SiteRatio, clean_scales, leave_one_out_ratios
 
     g = torch.Generator().manual_seed(3)
-    sites = [torch.rand(12, 6, generator=g) * 4, torch.rand(12, 9, generator=g)]
+    sites = [torch.rand(n, 6, generator=g) * 4, torch.rand(n, 9, generator=g)]
     sites[0][:, 2] = 0.0  # never active
     sites[0][:, 4] *= 1e-3  # nearly dead: under the floor
-    sites[1][5, 7] = 0.0
-    sites[1][:, 7] *= (torch.arange(12) == 5).float()  # active in no image: all zero
+    sites[1][:, 7] *= (torch.arange(n) < 2).float()  # active on two images only
     sites[1][3, 8] = 50.0  # one image far out of every other's range
     loo = leave_one_out_ratios(sites)
-    for i in range(12):
-        others = torch.arange(12) != i
-        want = [SiteRatio(a[others].amax(dim=0))(a[i : i + 1]).item() for a in sites]
-        np.testing.assert_allclose(loo[i], want, rtol=1e-6)
+    for inside in (np.ones(n, dtype=bool), np.arange(n) % 3 != 0):
+        got = leave_one_out_ratios(sites, inside)
+        for i in range(n):
+            others = inside & (np.arange(n) != i)
+            scales = clean_scales(sites, others)
+            want = [SiteRatio(u)(a[i : i + 1]).item() for u, a in zip(scales, sites, strict=True)]
+            np.testing.assert_allclose(got[i], want, rtol=1e-6)
+        if inside.all():
+            np.testing.assert_array_equal(got, loo)
     assert loo[3, 1] > 10.0 and loo[:, 1].max() == loo[3, 1]
-    # maxima over some of the images: the others are measured against all of those
-    inside = np.arange(12) % 3 != 0
-    part = leave_one_out_ratios(sites, inside)
-    for i in range(12):
-        among = torch.from_numpy(inside & (np.arange(12) != i))
-        want = [SiteRatio(a[among].amax(dim=0))(a[i : i + 1]).item() for a in sites]
-        np.testing.assert_allclose(part[i], want, rtol=1e-6)
 
 
 def _tiny_network() -> tuple[torch.nn.Module, torch.Tensor]:
@@ -276,21 +291,31 @@ def test_the_guard_combines_the_range_p_value(range_artifact: tuple[Path, dict, 
     assert d.flagged.tolist() == flagged.tolist()
     assert d.flagged[: len(_poisoned())].all() and not d.flagged[len(_poisoned()) :].any()
     np.testing.assert_array_equal(engine.original_logits(x), out.original)
-    # the clean maxima are over the held-out images too: none of them leaves its range
+    # the served scales are the k-th largest per-image maxima over the correctly classified
+    # learning and held-out images
+    from calibrate.bounded import BoundedNetwork
     from calibrate.config import CalibrationConfig
     from calibrate.dataset import load_clean_set, split_clean_set
+    from calibrate.rangeprobe import SiteRatio, clean_scales, per_image_maxima, scale_rank
 
-    # the clean maxima are over the correctly classified images, held-out ones included: none
-    # of those leaves its range
     learn, held = split_clean_set(load_clean_set(TINY / "clean.npz"), 0.9, CalibrationConfig().seed)
     assert len(held.labels) == 108
-    correct = 0
-    for part in (learn, held):
-        o = engine.logits(part.images)
-        right = o.original.argmax(1) == part.labels
-        assert o.ratios is not None and o.ratios[right].max() <= 1.0 + 1e-5
-        correct += int(right.sum())
-    assert range_artifact[2]["range_detector"]["maxima_images"] == correct
+    images = np.concatenate([learn.images, held.images])
+    served = engine.logits(images)
+    inside = served.original.argmax(1) == np.concatenate([learn.labels, held.labels])
+    report = range_artifact[2]["range_detector"]
+    assert report["maxima_images"] == inside.sum() and report["scale_rank"] == 2  # ~110 images
+    assert scale_rank(int(inside.sum())) == 2
+    model, _ = _tiny_network()
+    per_image = per_image_maxima(
+        BoundedNetwork(model, torch.from_numpy(images[:2])), torch.from_numpy(images), 64
+    )
+    scales = clean_scales(per_image, inside)
+    want = np.concatenate(
+        [SiteRatio(u)(a).detach().numpy() for u, a in zip(scales, per_image, strict=True)], axis=1
+    )
+    assert served.ratios is not None
+    np.testing.assert_allclose(served.ratios, want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow
