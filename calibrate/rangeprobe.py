@@ -24,10 +24,10 @@ RATIO_OUTPUT = "activation_ratio"
 RANGE_SHARE = 0.01
 """A channel's clean scale is the k-th largest of its per-image maxima over the clean images,
 k = ceil(RANGE_SHARE * n) (about the 99th percentile; the maximum up to 100 images). The
-maximum alone is one image's value: on the width-16 benchmark models (3,000 clean and triggered
-test images each) the 5th largest of about 430 lifted the triggered inputs flagged at a matched
-0.5% clean rate on six of nine (all-to-all 65% -> 83%, chessboard 58% -> 80%, WaNet trained 24
-epochs 68% -> 79%) and cost at most 2 points on the other three."""
+maximum alone is one image's value: on the CIFAR-10 benchmark models (3,000 clean and
+triggered test images each) the 5th largest of about 430 lifted the triggered inputs flagged at
+a matched 0.5% clean rate on five of nine (all-to-all 65% -> 83%, chessboard 58% -> 80%, WaNet
+trained 24 epochs 68% -> 79%), cost at most 2 points on three and left BadNets at 100%."""
 RANGE_FLOOR = 0.05
 """A channel's clean maximum counts as at least this fraction of the median over its site's
 active channels. A nearly dead channel (one clean maximum of 1e-4 against a median of 0.7 in
@@ -100,11 +100,6 @@ def per_image_maxima(
                 b.copy_(value)
 
 
-def clean_maxima(net: BoundedNetwork, images: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    """Per site, each channel's largest activation over `images` in the ORIGINAL network."""
-    return [a.amax(dim=0) for a in per_image_maxima(net, images, batch_size)]
-
-
 def scale_rank(n_inside: int, share: float = RANGE_SHARE) -> int:
     """k: a channel's clean scale is the k-th largest of its per-image maxima over `n_inside`
     images, k = ceil(share * n_inside) (1, the maximum, up to 1 / share images)."""
@@ -145,7 +140,8 @@ def leave_one_out_ratios(
         raise CalibrationError(f"{len(inside)} inside flags for {n} images")
     if rows.size < 2:
         raise CalibrationError(
-            f"the range detector's clean maxima need at least 2 images, got {rows.size}"
+            "the range detector's clean scales need at least 2 clean images the network "
+            f"classifies correctly, got {rows.size}"
         )
     k = scale_rank(int(rows.size))  # the scale over all N_in; k <= N_in - 1 for N_in >= 2
     index = torch.from_numpy(rows)
