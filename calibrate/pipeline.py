@@ -382,7 +382,7 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
                 "scale_rank": scale_rank(ranged.n_inside),
                 "output": RATIO_OUTPUT,
                 "floor": RANGE_FLOOR,
-                "sites": _range_summary(net, ranged.maxima, ranged.heldout_ratios),
+                "sites": _range_summary(net, ranged.scales, ranged.heldout_ratios),
             }
         manifest = _manifest_fields(job, clean, cfg, null, null_info, report, diffs)
         if start_null is not None:
@@ -438,12 +438,12 @@ def _start_network(
 
 @dataclass(frozen=True)
 class RangeFit:
-    """The range detector of a calibration: its network, the clean maxima it divides by (over
+    """The range detector of a calibration: its network, the clean scales it divides by (over
     `n_inside` images), every clean image's ratios and statistic as the null sees them, and
     the null fitted on all of them (the learning images first, then the held-out ones)."""
 
     network: RangeNetwork
-    maxima: list[torch.Tensor]
+    scales: list[torch.Tensor]
     ratios: np.ndarray
     stats: np.ndarray
     n_learning: int
@@ -483,20 +483,21 @@ def fit_range_detector(
         )
     ]
     inside = np.asarray(correct, dtype=bool)
-    maxima = clean_scales(per_image, inside)
+    scales = clean_scales(per_image, inside)
     ratios = leave_one_out_ratios(per_image, inside)
     stats = range_statistic(ratios)
     null = _fit(stats, cfg.range_null, "range detector's ", RANGE_GPD_MIN_SHAPE)
-    network = RangeNetwork(net, maxima)
-    return RangeFit(network, maxima, ratios, stats, int(x_learn.shape[0]), int(inside.sum()), null)
+    network = RangeNetwork(net, scales)
+    n_learning, n_inside = int(x_learn.shape[0]), int(inside.sum())
+    return RangeFit(network, scales, ratios, stats, n_learning, n_inside, null)
 
 
 def _range_summary(
-    net: BoundedNetwork, maxima: list[torch.Tensor], ratios_held: np.ndarray
+    net: BoundedNetwork, scales: list[torch.Tensor], ratios_held: np.ndarray
 ) -> list[dict[str, Any]]:
-    """Per bound site: its channels' clean maxima and the held-out images' ratios there."""
+    """Per bound site: its channels' clean scales and the held-out images' ratios there."""
     rows = []
-    for i, (site, u) in enumerate(zip(net.sites, maxima, strict=True)):
+    for i, (site, u) in enumerate(zip(net.sites, scales, strict=True)):
         r = ratios_held[:, i]
         rows.append(
             {
@@ -504,7 +505,7 @@ def _range_summary(
                 "channels": site.channels,
                 "inactive_channels": int((u <= 0).sum()),
                 "floored_channels": int(((u > 0) & (u < ratio_denominators(u))).sum()),
-                "clean_max_max": float(u.max()),
+                "clean_scale_max": float(u.max()),
                 "heldout_ratio_median": float(np.median(r)),
                 "heldout_ratio_max": float(r.max()),
             }

@@ -36,10 +36,10 @@ into a huge ratio. On that model, 3,000 clean and 2,919 triggered test images: o
 flagged without the floor, none with it; the same triggered images flagged (0.01 to 0.25 alike)."""
 
 
-def ratio_denominators(clean_max: torch.Tensor, floor: float = RANGE_FLOOR) -> torch.Tensor:
+def ratio_denominators(clean_scale: torch.Tensor, floor: float = RANGE_FLOOR) -> torch.Tensor:
     """Each channel's clean scale (`clean_scales`), raised to `floor` times the median over the
     site's active channels; 0 stays 0 (a channel never active on the clean images is left out)."""
-    u = clean_max.detach().float()
+    u = clean_scale.detach().float()
     active = u[u > 0]
     if active.numel() == 0:
         return torch.zeros_like(u)
@@ -55,9 +55,9 @@ class SiteRatio(nn.Module):
     already holds it at 0. Three ONNX nodes: the positions' max first, so the scaling touches
     [N, C] values only."""
 
-    def __init__(self, clean_max: torch.Tensor) -> None:
+    def __init__(self, clean_scale: torch.Tensor) -> None:
         super().__init__()
-        u = ratio_denominators(clean_max)
+        u = ratio_denominators(clean_scale)
         self.inv_scale: torch.Tensor
         self.register_buffer("inv_scale", torch.where(u > 0, 1.0 / u, torch.zeros_like(u)))
 
@@ -172,15 +172,15 @@ def _inverse_scales(u: torch.Tensor, floor: float) -> torch.Tensor:
 class RangeNetwork(nn.Module):
     """The original network returning (logits [N, K], activation ratios [N, S])."""
 
-    def __init__(self, net: BoundedNetwork, maxima: list[torch.Tensor]) -> None:
+    def __init__(self, net: BoundedNetwork, scales: list[torch.Tensor]) -> None:
         super().__init__()
-        if len(maxima) != len(net.sites):
-            raise CalibrationError(f"{len(maxima)} clean maxima for {len(net.sites)} bound sites")
+        if len(scales) != len(net.sites):
+            raise CalibrationError(f"{len(scales)} clean scales for {len(net.sites)} bound sites")
         gm: fx.GraphModule = copy.deepcopy(net.net)
         graph = gm.graph
         calls = {n.target: n for n in graph.nodes if n.op == "call_module"}
         ratios = []
-        for site, u in zip(net.sites, maxima, strict=True):
+        for site, u in zip(net.sites, scales, strict=True):
             node = calls[site.name]
             activation = node.args[0]
             gm.add_submodule(f"ratio_{site.name}", SiteRatio(u))
