@@ -357,6 +357,14 @@ def _md_start_detector(report: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def _ordinal(k: Any) -> str:
+    """1 -> "1st", 2 -> "2nd", 11 -> "11th"; anything but an int as the report cell shows it."""
+    if not isinstance(k, int) or isinstance(k, bool):
+        return _cell(k)
+    suffix = "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
+    return f"{k}{suffix}"
+
+
 def _md_range_detector(report: Mapping[str, Any]) -> list[str]:
     """The range detector's null and per-site figures (`--range-detector`)."""
     ranged = report.get("range_detector")
@@ -381,7 +389,7 @@ def _md_range_detector(report: Mapping[str, Any]) -> list[str]:
         "A statistic read off the original network's own forward pass (its output "
         f"`{_cell(ranged.get('output'))}`): per bound site, the largest activation relative to "
         "its channel's clean scale, the "
-        f"{_cell(ranged.get('scale_rank'))}-th largest of its per-image maxima over the "
+        f"{_ordinal(ranged.get('scale_rank'))} largest of its per-image maxima over the "
         f"{_cell(ranged.get('maxima_images'))} clean images, learning and held-out, that the "
         "network classifies correctly (raised to at least "
         f"{_cell(ranged.get('floor'))} times the median over the site's active channels: the "

@@ -265,7 +265,9 @@ def test_the_artifact_carries_the_ratios_output_and_its_null(
     assert [o.name for o in sess.get_outputs()] == ["logits", "activation_ratio"]
     art = load_artifact(out)
     assert art.range_output == "activation_ratio" and art.range_null is not None
-    assert "## Range detector" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert "## Range detector" in text
+    assert "clean scale, the 2nd largest of its per-image maxima" in text
     # the learned bounds are a plain calibration's: the range detector only adds a test
     plain, _ = _calibrate_tiny(tmp_path / "plain", "--no-range-detector", *SMALL, *ITERS)
     assert manifest["files"]["bounded"]["sha256"] == plain["files"]["bounded"]["sha256"]

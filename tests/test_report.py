@@ -227,3 +227,23 @@ def test_null_fit_advice_only_when_a_gaussian_null_misfits(tmp_path: Path) -> No
     report["heldout"]["false_positive_rate"] = 0.05
     report["null"]["kind"] = "yeojohnson"  # advice is about the Gaussian only
     assert null_fit_advice(report) is None
+
+
+def test_ordinals_in_the_report() -> None:
+    from calibrate.report import _ordinal
+
+    got = [_ordinal(k) for k in (1, 2, 3, 4, 11, 12, 13, 21, 22, 101, 112)]
+    assert got == [
+        "1st",
+        "2nd",
+        "3rd",
+        "4th",
+        "11th",
+        "12th",
+        "13th",
+        "21st",
+        "22nd",
+        "101st",
+        "112th",
+    ]
+    assert _ordinal(None) == "n/a"  # a report without the field
