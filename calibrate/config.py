@@ -192,7 +192,7 @@ class CalibrationConfig:
     # (`range_null`). original.onnx gets it as a second output, so each request still costs
     # two forward passes. Combined with the learned statistic's p-value by Bonferroni (each at
     # alpha / 2). Its null is fitted on every clean image's statistic against the others'
-    # maxima (leave one out). None (the default): on when the clean images are enough for
+    # scales (leave one out). None (the default): on when the clean images are enough for
     # that null (`resolve`), else off and the report says why. On the CIFAR-10 benchmark it took
     # full-width WaNet (poisoned per batch) from 10.1% to 0.6% guarded ASR and lowered the
     # clean FPR on most models (docs/RESULTS.md).

@@ -430,6 +430,13 @@ def test_the_reports_false_positive_rate_counts_the_range_flags() -> None:
     assert flagged[:8].all() and not flagged_alone[:8].any()
     both = heldout_figures(g, gz, y, cfg, None, ratios)
     assert both["false_positive_rate"] == flagged.mean() >= 8 / n
+    # every fold's range null is also fitted on the learning images' statistics: with many of
+    # those as far out as the eight, they are ordinary, and no longer flagged
+    extra = np.full(400, 5.0)
+    _, flagged_extra = cross_fitted_decisions(g, gz, cfg, False, None, ratios, extra)
+    assert not flagged_extra[:8].any()
+    fig = heldout_figures(g, gz, y, cfg, None, ratios, extra)
+    assert fig["false_positive_rate"] == flagged_extra.mean() < 8 / n
 
 
 # --- on by default where the clean set carries its null -------------------------------------
