@@ -470,7 +470,7 @@ def test_by_default_the_range_detector_is_on_when_the_clean_set_carries_its_null
 
 
 def test_a_default_calibration_says_why_its_range_detector_is_off(tmp_path: Path) -> None:
-    """10 clean images per class (4 classes): 16 held-out and at most 24 learning images, too
+    """10 clean images per class (4 classes): 16 held-out and 24 learning images, too
     few for the range detector's gpd null; the default then calibrates without it."""
     from guard.artifact import MANIFEST_SCHEMA_VERSION
 

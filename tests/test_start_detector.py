@@ -282,7 +282,7 @@ def test_an_extra_detector_needs_enough_heldout_images_for_its_null(
 ) -> None:
     """The start detector's null is fitted on the 48 held-out images of a default split; the
     range detector's on the learning images too, so it needs a smaller set to be refused (10
-    per class: 16 held-out, at most 24 learning images)."""
+    per class: 16 held-out and 24 learning images)."""
     out = tmp_path / "art"
     if which == "start":
         code, _, err = run_cli(_tiny_args(out, "--start-detector"))
