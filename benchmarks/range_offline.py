@@ -54,17 +54,12 @@ def range_parts(name: str, cache_dir: Path, art: Any) -> tuple[Any, Any]:
     split = art.manifest["split"]
     if (split["learn"], split["heldout"]) != (learn.labels.size, held.labels.size):
         raise SystemExit("the artifact was calibrated on another split")
-    x_learn, x_held = torch.from_numpy(learn.images), torch.from_numpy(held.images)
-    g_learn = batched_logits(model, x_learn, cfg.batch_size)
-    x_d, _, _ = _learning_set(cfg, learn, g_learn)
+    x_learn = torch.from_numpy(learn.images)
+    x_d, _, _ = _learning_set(cfg, learn, batched_logits(model, x_learn, cfg.batch_size))
     if x_d.shape[0] != split["learn_used"]:
         raise SystemExit("the learning images differ from the artifact's")
     net = BoundedNetwork(model, x_d[:2])
-    g_held = batched_logits(model, x_held, cfg.batch_size)
-    correct = np.concatenate(
-        [g_learn.argmax(1).numpy() == learn.labels, g_held.argmax(1).numpy() == held.labels]
-    )
-    ranged = fit_range_detector(net, x_learn, x_held, correct, cfg)
+    ranged = fit_range_detector(net, learn, held, cfg)
     return ranged.network, ranged.null
 
 

@@ -274,15 +274,7 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
         gs_held = batched_logits(start_net, x_held, cfg.batch_size).numpy()
         start_stats = statistic(g_held.numpy(), gs_held)
         start_null = _fit(start_stats, cfg.start_null, "start detector's ")
-    ranged = None
-    if cfg.range_detector:
-        correct = np.concatenate(
-            [
-                learn_logits.argmax(1).numpy() == learn.labels,
-                g_held.argmax(1).numpy() == held.labels,
-            ]
-        )
-        ranged = fit_range_detector(net, x_learn, x_held, correct, cfg)
+    ranged = fit_range_detector(net, learn, held, cfg) if cfg.range_detector else None
     try:
         figures = heldout_figures(
             g_held.numpy(),
@@ -460,35 +452,26 @@ class RangeFit:
 
 
 def fit_range_detector(
-    net: BoundedNetwork,
-    x_learn: torch.Tensor,
-    x_held: torch.Tensor,
-    correct: np.ndarray,
-    cfg: CalibrationConfig,
+    net: BoundedNetwork, learn: CleanSet, held: CleanSet, cfg: CalibrationConfig
 ) -> RangeFit:
     """The range detector at `net`'s bound sites. Its clean scales: per channel the k-th
     largest (`clean_scales`) of the ORIGINAL network's per-image maxima (whatever bounds `net`
-    holds now) over the clean images it classifies correctly (`correct`, over x_learn then
-    x_held): a misclassified clean image is one the network does not handle as it handles its
-    class, and one such outlier among them can hide a trigger's channels. Every clean image
+    holds now) over the clean images, learning and held-out, that it classifies correctly
+    (read off the same forward passes): a misclassified clean image is one the network does not
+    handle as it handles its class, and one such outlier among them can hide a trigger's
+    channels. Every clean image
     then gets its ratios against those scales, without its own (leave one out), and the null
     (`gpd` tail shape at 0 or above) is fitted on all of them, misclassified ones included, as
     clean traffic has them."""
-    per_image = [
-        torch.cat(pair)
-        for pair in zip(
-            per_image_maxima(net, x_learn, cfg.batch_size),
-            per_image_maxima(net, x_held, cfg.batch_size),
-            strict=True,
-        )
-    ]
-    inside = np.asarray(correct, dtype=bool)
+    images = torch.from_numpy(np.concatenate([learn.images, held.images]))
+    per_image, logits = per_image_maxima(net, images, cfg.batch_size)
+    inside = logits.argmax(1).numpy() == np.concatenate([learn.labels, held.labels])
     scales = clean_scales(per_image, inside)
     ratios = leave_one_out_ratios(per_image, inside)
     stats = range_statistic(ratios)
     null = _fit(stats, cfg.range_null, "range detector's ", RANGE_GPD_MIN_SHAPE)
     network = RangeNetwork(net, scales)
-    n_learning, n_inside = int(x_learn.shape[0]), int(inside.sum())
+    n_learning, n_inside = int(learn.labels.size), int(inside.sum())
     return RangeFit(network, scales, ratios, stats, n_learning, n_inside, null)
 
 

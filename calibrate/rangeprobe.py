@@ -69,10 +69,10 @@ class SiteRatio(nn.Module):
 
 def per_image_maxima(
     net: BoundedNetwork, images: torch.Tensor, batch_size: int
-) -> list[torch.Tensor]:
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Per site [N, C]: each image's largest activation per channel (over positions, and at
     least 0) in the ORIGINAL network (the bounds are lifted while recording and restored
-    afterwards)."""
+    afterwards); and the original network's logits [N, K] from the same forward passes."""
     saved = [b.detach().clone() for b in net.bounds()]
     per_site: list[list[torch.Tensor]] = [[] for _ in net.sites]
 
@@ -89,9 +89,10 @@ def per_image_maxima(
         with torch.no_grad():
             for b in net.bounds():
                 b.fill_(float("inf"))
-            for i in range(0, images.shape[0], batch_size):
-                net(images[i : i + batch_size])
-        return [torch.cat(chunks).float() for chunks in per_site]
+            logits = [
+                net(images[i : i + batch_size]) for i in range(0, images.shape[0], batch_size)
+            ]
+        return [torch.cat(chunks).float() for chunks in per_site], torch.cat(logits)
     finally:
         for h in hooks:
             h.remove()

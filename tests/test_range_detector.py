@@ -208,9 +208,12 @@ def test_the_range_network_is_the_original_with_its_ratios() -> None:
     with torch.no_grad():  # lower one bound so the bounded network differs from the original
         net.bounds()[0].mul_(0.5)
     lowered = [b.detach().clone() for b in net.bounds()]
-    maxima = [a.amax(dim=0) for a in per_image_maxima(net, x[:60], batch_size=16)]
+    per_image, logits = per_image_maxima(net, x[:60], batch_size=16)
+    maxima = [a.amax(dim=0) for a in per_image]
     for b, want in zip(net.bounds(), lowered, strict=True):  # restored after recording
         torch.testing.assert_close(b.detach(), want)
+    with torch.no_grad():  # the same passes' logits are the original network's
+        torch.testing.assert_close(logits, model(x[:60]))
     # the original network's maxima, not the bounded one's: equal to the "max" start bounds
     for u, b0 in zip(maxima, before, strict=True):
         torch.testing.assert_close(u, b0)
@@ -309,7 +312,7 @@ def test_the_guard_combines_the_range_p_value(range_artifact: tuple[Path, dict, 
     assert report["maxima_images"] == inside.sum() and report["scale_rank"] == 2  # ~110 images
     assert scale_rank(int(inside.sum())) == 2
     model, _ = _tiny_network()
-    per_image = per_image_maxima(
+    per_image, _ = per_image_maxima(
         BoundedNetwork(model, torch.from_numpy(images[:2])), torch.from_numpy(images), 64
     )
     scales = clean_scales(per_image, inside)
