@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.evalmetrics import auroc, tpr_at_fpr
+from benchmarks.evalmetrics import tpr_at_fpr
 from benchmarks.evaluate import (
     REPO_ROOT,
     extra_detectors,
@@ -40,6 +40,7 @@ from benchmarks.evaluate import (
     split_test,
 )
 from benchmarks.train_models import model_name
+from calibrate.scoring import auroc
 
 PAIRS = (("yeojohnson", "gpd"), ("gpd", "gpd"), ("yeojohnson", "yeojohnson"))
 

@@ -1,4 +1,5 @@
-"""Pure numpy metrics for the evaluation: AUROC, ROC curve, STRIP's entropy and its threshold.
+"""Pure numpy metrics for the benchmarks: STRIP's entropy and its threshold, and a detector's
+power at a matched clean flag rate (AUROC and the ROC curve: calibrate/scoring.py).
 
 No I/O and no model here, so each function has a known-answer test (tests/test_evalmetrics.py).
 """
@@ -6,36 +7,6 @@ No I/O and no model here, so each function has a known-answer test (tests/test_e
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import rankdata
-
-
-def auroc(negative_scores: np.ndarray, positive_scores: np.ndarray) -> float:
-    """Probability that a random positive scores above a random negative (ties count half).
-
-    The Mann-Whitney U statistic over the pooled ranks; higher scores mean "more suspicious".
-    """
-    neg = np.asarray(negative_scores, dtype=np.float64).ravel()
-    pos = np.asarray(positive_scores, dtype=np.float64).ravel()
-    if neg.size == 0 or pos.size == 0:
-        raise ValueError("AUROC needs at least one negative and one positive score")
-    ranks = rankdata(np.concatenate([neg, pos]))
-    u = ranks[neg.size :].sum() - pos.size * (pos.size + 1) / 2.0
-    return float(u / (neg.size * pos.size))
-
-
-def roc_curve(
-    negative_scores: np.ndarray, positive_scores: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """(false-positive rates, true-positive rates) for every threshold "score >= t", from (0, 0)
-    to (1, 1)."""
-    neg = np.sort(np.asarray(negative_scores, dtype=np.float64).ravel())
-    pos = np.sort(np.asarray(positive_scores, dtype=np.float64).ravel())
-    thresholds = np.unique(np.concatenate([neg, pos]))[::-1]
-    fpr = neg.size - np.searchsorted(neg, thresholds, side="left")
-    tpr = pos.size - np.searchsorted(pos, thresholds, side="left")
-    fpr = np.concatenate([[0.0], fpr / neg.size])
-    tpr = np.concatenate([[0.0], tpr / pos.size])
-    return fpr, tpr
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

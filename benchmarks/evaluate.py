@@ -58,16 +58,10 @@ import numpy as np
 
 from benchmarks.attacks import ATTACKS, Attack
 from benchmarks.calibrating import calibrate_cifar, factory_for
-from benchmarks.evalmetrics import (
-    auroc,
-    low_tail_threshold,
-    roc_curve,
-    strip_blend,
-    strip_entropy,
-    tpr_at_fpr,
-)
+from benchmarks.evalmetrics import low_tail_threshold, strip_blend, strip_entropy, tpr_at_fpr
 from benchmarks.train_models import IMBALANCED, NAMES, model_name, model_paths, parse_name
 from calibrate.cifar_resnet import DEFAULT_WIDTH
+from calibrate.scoring import attack_figures, auroc, roc_curve
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CALIB_PER_CLASS = 50
@@ -143,13 +137,7 @@ def guard_figures(
         rule = DecisionRule(alpha, flag_on_disagreement=dis)
         clean = decide(g, gz, null, rule, *on_clean)
         trig = decide(tg, tgz, null, rule, *on_trig)
-        out[tag] = {
-            "clean_accuracy": float(np.mean(clean.label == y)),
-            "fpr": float(np.mean(clean.flagged)),
-            "asr": float(np.mean(trig.label == attacker)),
-            "restored": float(np.mean(trig.label == ty)),
-            "tpr": float(np.mean(trig.flagged)),
-        }
+        out[tag] = attack_figures(clean, y, trig, ty, attacker)
     return out
 
 

@@ -36,10 +36,11 @@ import numpy as np
 
 from benchmarks.attacks import ATTACKS
 from benchmarks.calibrating import calibrate_cifar, calibration_config, factory_for
-from benchmarks.evalmetrics import auroc, tpr_at_fpr
+from benchmarks.evalmetrics import tpr_at_fpr
 from benchmarks.evaluate import EVAL_ATTACK, REPO_ROOT, split_test, to_float
 from benchmarks.train_models import model_paths, parse_name
 from calibrate.cifar_resnet import DEFAULT_WIDTH
+from calibrate.scoring import auroc
 
 MATCHED_FPR = 0.005  # the guard's default alpha, as in benchmarks.evaluate
 
