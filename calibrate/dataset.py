@@ -63,35 +63,55 @@ def load_clean_set(
     bilinearly instead of rejected. Every class must be present with at least `min_per_class`
     images, because per-class statistics from a handful of samples are meaningless.
     """
-    path = Path(path)
     if min_per_class < 1:
         raise CalibrationError(f"min_per_class must be at least 1, got {min_per_class}")
-    if image_size is not None and (len(image_size) != 2 or min(image_size) < 1):
-        raise CalibrationError(f"image_size must be (height, width) > 0, got {image_size}")
-    if not path.exists():
-        raise CalibrationError(f"clean set not found: {path}")
-    if path.is_dir():
-        images, labels, names = _load_image_folder(path, class_names, image_size)
-    elif path.suffix.lower() == ".npz":
-        images, labels, names = _load_npz(path, class_names)
-    else:
-        raise CalibrationError(f"clean set {path} must be an ImageFolder directory or a .npz file")
-    cs = CleanSet(images, labels, names)
-    _check_class_counts(cs, path, min_per_class)
+    cs = load_labelled_images(path, class_names=class_names, image_size=image_size)
+    _check_class_counts(cs, Path(path), min_per_class)
     return cs
 
 
+def load_labelled_images(
+    path: Path,
+    *,
+    class_names: Sequence[str] | None = None,
+    image_size: tuple[int, int] | None = None,
+    what: str = "clean set",
+    every_class: bool = True,
+) -> CleanSet:
+    """Load an ImageFolder directory or an ``.npz`` file of labelled images, as
+    :func:`load_clean_set` does but without counting images per class. `what` names the set in
+    messages. Without `every_class`, a folder set may lack some of `class_names`' folders (a
+    test set of triggered images lacks the attacker's class)."""
+    path = Path(path)
+    if image_size is not None and (len(image_size) != 2 or min(image_size) < 1):
+        raise CalibrationError(f"image_size must be (height, width) > 0, got {image_size}")
+    if not path.exists():
+        raise CalibrationError(f"{what} not found: {path}")
+    if path.is_dir():
+        images, labels, names = _load_image_folder(path, class_names, image_size, every_class)
+    elif path.suffix.lower() == ".npz":
+        images, labels, names = _load_npz(path, class_names)
+    else:
+        raise CalibrationError(f"{what} {path} must be an ImageFolder directory or a .npz file")
+    return CleanSet(images, labels, names)
+
+
 def _load_image_folder(
-    root: Path, class_names: Sequence[str] | None, image_size: tuple[int, int] | None
+    root: Path,
+    class_names: Sequence[str] | None,
+    image_size: tuple[int, int] | None,
+    every_class: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-    """Decode ``root/<class>/<image>`` into arrays; labels by `class_names` or sorted folders."""
+    """Decode ``root/<class>/<image>`` into arrays; labels by `class_names` or sorted folders.
+    Without `every_class` the folders may be any of `class_names`' (labels still by its order)."""
     folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise CalibrationError(f"clean set directory {root} has no class folders (root/<class>/)")
     names = tuple(folders)
     if class_names is not None:
         given = tuple(class_names)
-        if len(set(given)) != len(given) or set(given) != set(folders):
+        fits = set(given) == set(folders) if every_class else set(folders) <= set(given)
+        if len(set(given)) != len(given) or not fits:
             raise CalibrationError(
                 f"class_names {list(given)} do not match the class folders {folders} in {root}"
             )
@@ -100,6 +120,8 @@ def _load_image_folder(
     labels: list[int] = []
     first: tuple[Path, tuple[int, int]] | None = None
     for label, name in enumerate(names):
+        if name not in folders:
+            continue  # without every_class only
         files = sorted(
             p
             for p in (root / name).iterdir()

@@ -8,7 +8,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("calibrate", "serve", "demo")
+COMMANDS = ("calibrate", "serve", "evaluate", "demo")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -27,6 +27,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         from guard import serve_cli
 
         serve_cli.add_parser(sub)
+    if only in (None, "evaluate"):
+        from calibrate import assess
+
+        assess.add_parser(sub)
     if only in (None, "demo"):
         from calibrate import demo
 
@@ -47,6 +51,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from guard import serve_cli
 
             return serve_cli.run(args)
+        if args.command == "evaluate":
+            from calibrate import assess
+
+            return assess.run(args)
         if args.command == "demo":
             from calibrate import demo
 

@@ -1,0 +1,292 @@
+"""`mmguard evaluate`: an artifact's guard measured on labelled clean test images and on the
+same attack's triggered ones, decided exactly as `mmguard serve` decides (the same onnxruntime
+engine, nulls and decision code; no server in between), with the figures a user compares
+defences on: clean accuracy and attack success, undefended and guarded; triggered inputs
+restored to their true class; the flag rates on clean inputs (false positives) and on
+triggered ones (true positives); each with the disagreement rule off and on; the AUROC of the
+guard's p-value; and the forward passes per input.
+
+The triggered images carry their TRUE labels. The class the attacker wants is `--target` for
+every one of them (all-to-one), or an .npz array `target_labels`, one per image (e.g. an
+all-to-all attack). Triggered images whose true class is already the attacker's say nothing
+about the attack and are left out (the count is reported)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calibrate.errors import CalibrationError
+
+DEFAULT_BATCH = 256
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "evaluate",
+        help="measure an artifact's guard on clean and triggered test images",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--artifact", type=Path, required=True, help="an `mmguard calibrate` output")
+    p.add_argument(
+        "--clean",
+        type=Path,
+        required=True,
+        help="clean test images with their labels: an ImageFolder directory or an .npz with "
+        "`images` and `labels` (as `mmguard calibrate --data` reads them); never the images "
+        "the artifact was calibrated on",
+    )
+    p.add_argument(
+        "--triggered",
+        type=Path,
+        required=True,
+        help="the attack's triggered test images with their TRUE labels (same formats); an "
+        ".npz may add `target_labels`, the attacker's class for each image",
+    )
+    p.add_argument(
+        "--target",
+        default=None,
+        help="the attacker's class for every triggered image, by name or index (all-to-one)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="also write evaluation.md, evaluation.json and evaluation.png (ROC curve and "
+        "histograms) into this directory",
+    )
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: its default)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Returns the exit status; bad input is one line on stderr and status 2."""
+    from guard.artifact import ArtifactError, load_artifact
+    from guard.engine import EngineError
+
+    try:
+        if args.batch_size < 1:
+            raise CalibrationError(f"--batch-size must be at least 1, got {args.batch_size}")
+        if args.threads < 0:
+            raise CalibrationError(f"--threads must be 0 or more, got {args.threads}")
+        art = load_artifact(args.artifact)
+        result = evaluate(art, args.clean, args.triggered, args.target, args)
+    except (CalibrationError, ArtifactError, EngineError) as exc:
+        print(f"mmguard evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    text = markdown(result)
+    print(text)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "evaluation.md").write_text(text + "\n")
+        scores = result.pop("_scores")
+        (args.out / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
+        plot(scores, args.out / "evaluation.png")
+        print(f"\nwrote {args.out / 'evaluation.md'}, evaluation.json and evaluation.png")
+    return 0
+
+
+def _load(path: Path, art: Any, what: str) -> Any:
+    from calibrate.dataset import load_labelled_images
+
+    h, w = art.input.shape[1:]
+    images = load_labelled_images(
+        path, class_names=art.class_names, image_size=(h, w), what=what, every_class=False
+    )
+    if images.images.shape[1:] != tuple(art.input.shape):
+        raise CalibrationError(
+            f"{what} {path}: images are {list(images.images.shape[1:])} (CHW) but the artifact "
+            f"takes {list(art.input.shape)}"
+        )
+    return images
+
+
+def attacker_labels(path: Path, target: str | None, class_names: tuple[str, ...], n: int) -> Any:
+    """The attacker's class per triggered image: `target` (a class name or index) for all,
+    else the .npz's `target_labels`."""
+    if target is not None:
+        if target in class_names:
+            k = class_names.index(target)
+        elif target.lstrip("-").isdigit():
+            k = int(target)
+            if not 0 <= k < len(class_names):
+                raise CalibrationError(
+                    f"--target {target}: the artifact has classes 0..{len(class_names) - 1}"
+                )
+        else:
+            raise CalibrationError(
+                f"--target {target!r} is neither a class index nor one of the artifact's "
+                f"classes {list(class_names)}"
+            )
+        return np.full(n, k, dtype=np.int64)
+    stored = None
+    if path.suffix.lower() == ".npz" and zipfile.is_zipfile(path):
+        with np.load(path, allow_pickle=False) as npz:
+            if "target_labels" in npz.files:
+                stored = npz["target_labels"]
+    if stored is None:
+        raise CalibrationError(
+            "say which class the attacker wants: --target CLASS (all-to-one), or an array "
+            f"`target_labels` in the triggered .npz {path}"
+        )
+    if stored.dtype == np.bool_ or not np.issubdtype(stored.dtype, np.integer):
+        raise CalibrationError(f"{path}: target_labels must be integers, got {stored.dtype}")
+    if stored.shape != (n,):
+        raise CalibrationError(
+            f"{path}: target_labels has shape {list(stored.shape)}, expected [{n}] (one per image)"
+        )
+    if stored.min() < 0 or stored.max() >= len(class_names):
+        raise CalibrationError(
+            f"{path}: target_labels must be in 0..{len(class_names) - 1}, got {stored.min()}"
+            f"..{stored.max()}"
+        )
+    return stored.astype(np.int64)
+
+
+def _outputs(engine: Any, x: np.ndarray, batch: int) -> list[np.ndarray | None]:
+    """The engine's outputs (original, bounded, start, ratios) over x, batch by batch."""
+    parts = [engine.logits(x[i : i + batch]) for i in range(0, len(x), batch)]
+    return [
+        None if parts[0][j] is None else np.concatenate([p[j] for p in parts]) for j in range(4)
+    ]
+
+
+def evaluate(
+    art: Any, clean_path: Path, trig_path: Path, target: str | None, args: argparse.Namespace
+) -> dict[str, Any]:
+    from calibrate.scoring import attack_figures, auroc, suspicion, undefended_figures
+    from guard.engine import GuardEngine
+    from guard.mmdf import DecisionRule, decide, statistic
+
+    clean = _load(clean_path, art, "clean test set")
+    trig = _load(trig_path, art, "triggered test set")
+    attacker = attacker_labels(trig_path, target, art.class_names, len(trig.labels))
+    keep = trig.labels != attacker
+    if not keep.any():
+        raise CalibrationError(
+            f"every triggered image in {trig_path} already has the attacker's class as its true "
+            "label: nothing to measure the attack on"
+        )
+    tx, ty, attacker = trig.images[keep], trig.labels[keep], attacker[keep]
+    engine = GuardEngine(art, args.device, args.threads)
+    g, gz, gs, gr = _outputs(engine, clean.images, args.batch_size)
+    tg, tgz, tgs, tgr = _outputs(engine, tx, args.batch_size)
+    assert g is not None and gz is not None and tg is not None and tgz is not None
+    rules: dict[str, Any] = {}
+    p_clean = p_trig = None
+    for tag, dis in (("p", False), ("p_dis", True)):
+        rule = DecisionRule(art.rule.alpha, flag_on_disagreement=dis)
+        dc = decide(g, gz, art.null, rule, art.start_detector(gs), art.range_detector(gr))
+        dt = decide(tg, tgz, art.null, rule, art.start_detector(tgs), art.range_detector(tgr))
+        rules[tag] = attack_figures(dc, clean.labels, dt, ty, attacker)
+        p_clean, p_trig = dc.p_value, dt.p_value
+    assert p_clean is not None and p_trig is not None
+    d_clean, d_trig = statistic(g, gz), statistic(tg, tgz)
+    targets = np.unique(attacker)
+    return {
+        "artifact": str(art.root),
+        "model": art.name,
+        "clean_images": len(clean.labels),
+        "triggered_images": len(ty),
+        "triggered_left_out": int((~keep).sum()),
+        "attacker_classes": [art.class_names[k] for k in targets.tolist()],
+        "alpha": art.rule.alpha,
+        "detectors": ["learned bounds"]
+        + (["start bounds"] if art.start_null is not None else [])
+        + (["activation range"] if art.range_null is not None else []),
+        "forward_passes_per_input": 3 if art.start_null is not None else 2,
+        "device": engine.device,
+        "providers": engine.providers,
+        "undefended": undefended_figures(g.argmax(1), clean.labels, tg.argmax(1), ty, attacker),
+        "guarded": rules["p"],
+        "guarded_with_disagreement": rules["p_dis"],
+        "auroc_p_value": auroc(suspicion(p_clean), suspicion(p_trig)),
+        "auroc_learned_statistic": auroc(d_clean, d_trig),
+        "_scores": {
+            "alpha": art.rule.alpha,
+            "p_clean": p_clean,
+            "p_trig": p_trig,
+            "d_clean": d_clean,
+            "d_trig": d_trig,
+        },
+    }
+
+
+def markdown(r: dict[str, Any]) -> str:
+    u, p, q = r["undefended"], r["guarded"], r["guarded_with_disagreement"]
+
+    def pct(v: float) -> str:
+        return f"{100 * v:.2f}%"
+
+    target = ", ".join(r["attacker_classes"])
+    rows = [
+        ("clean accuracy", pct(u["clean_accuracy"]), pct(p["clean_accuracy"]),
+         pct(q["clean_accuracy"])),
+        ("clean inputs flagged (false-positive rate)", "-", pct(p["fpr"]), pct(q["fpr"])),
+        (f"attack success (-> {target})", pct(u["asr"]), pct(p["asr"]), pct(q["asr"])),
+        ("triggered inputs restored to their true class", pct(u["restored"]),
+         pct(p["restored"]), pct(q["restored"])),
+        ("triggered inputs flagged (true-positive rate)", "-", pct(p["tpr"]), pct(q["tpr"])),
+    ]  # fmt: skip
+    left_out = (
+        f" ({r['triggered_left_out']} triggered images of the attacker's own class left out)"
+        if r["triggered_left_out"]
+        else ""
+    )
+    lines = [
+        f"# {r['model']}: {r['clean_images']} clean and {r['triggered_images']} triggered test "
+        f"images{left_out}",
+        "",
+        f"| | undefended | guarded (p < {r['alpha']:g}) | guarded, and on disagreement |",
+        "|---|---|---|---|",
+        *(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows),
+        "",
+        f"- AUROC of the guard's p-value, clean against triggered: {r['auroc_p_value']:.4f} "
+        f"(the learned bounds' statistic alone: {r['auroc_learned_statistic']:.4f})",
+        f"- detectors: {', '.join(r['detectors'])}; {r['forward_passes_per_input']} forward "
+        f"passes per input; ran on {r['device']} ({r['providers'][0]})",
+    ]
+    return "\n".join(lines)
+
+
+def plot(scores: dict[str, Any], path: Path) -> None:
+    """ROC curves (the guard's p-value and the learned statistic) and the clean and triggered
+    histograms of -log10 p, with the level alpha the guard flags below."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from calibrate.scoring import auroc, roc_curve, suspicion
+
+    s_clean, s_trig = suspicion(scores["p_clean"]), suspicion(scores["p_trig"])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
+    for label, neg, pos in (
+        ("p-value", s_clean, s_trig),
+        ("learned statistic d", scores["d_clean"], scores["d_trig"]),
+    ):
+        fpr, tpr = roc_curve(neg, pos)
+        ax1.plot(fpr, tpr, label=f"{label} (AUROC {auroc(neg, pos):.3f})")
+    ax1.plot([0, 1], [0, 1], ":", color="grey")
+    ax1.set(xlabel="false-positive rate", ylabel="true-positive rate", title="ROC")
+    ax1.legend(loc="lower right", fontsize=8)
+    finite = np.concatenate([s_clean, s_trig])
+    top = float(finite[np.isfinite(finite)].max(initial=1.0))
+    bins = np.linspace(0.0, top, 40)
+    ax2.hist(np.minimum(s_clean, top), bins=bins, alpha=0.6, density=True, label="clean")
+    ax2.hist(np.minimum(s_trig, top), bins=bins, alpha=0.6, density=True, label="triggered")
+    ax2.axvline(-np.log10(scores["alpha"]), color="black", ls="--", lw=1, label="alpha")
+    ax2.set(xlabel="-log10 p (p = 0 drawn at the right edge)", ylabel="density")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

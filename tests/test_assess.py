@@ -1,0 +1,143 @@
+"""`mmguard evaluate` on the session's tiny artifact: its figures against the guard engine's
+own decisions on the same images, the attacker's labels from --target or the .npz, the files it
+writes, and bad input as one line on stderr with exit status 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.helpers import run_cli
+
+pytestmark = pytest.mark.slow  # the session artifact is calibrated with torch
+
+TINY = Path(__file__).resolve().parents[1] / "calibrate" / "examples" / "tiny"
+TARGET = 0  # calibrate/examples/tiny/example.json
+
+
+def _nchw_float(images: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / 255
+
+
+def _reference(engine: Any, x: np.ndarray) -> Any:
+    return engine.decide(_nchw_float(x))
+
+
+def test_figures_are_the_engines_decisions_on_the_same_images(
+    artifact_dir: Path, engine: Any, tmp_path: Path
+) -> None:
+    clean, trig = np.load(TINY / "clean.npz"), np.load(TINY / "poisoned.npz")
+    code, out, err = run_cli(
+        [
+            "evaluate", "--artifact", str(artifact_dir), "--clean", str(TINY / "clean.npz"),
+            "--triggered", str(TINY / "poisoned.npz"), "--target", "stripes_h",
+            "--out", str(tmp_path / "eval"), "--threads", "1", "--batch-size", "7",
+        ]
+    )  # fmt: skip
+    assert code == 0, err
+    r = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    dc, dt = _reference(engine, clean["images"]), _reference(engine, trig["images"])
+    y, ty = clean["labels"], trig["labels"]
+    assert r["clean_images"] == len(y) and r["triggered_images"] == len(ty)
+    assert r["triggered_left_out"] == 0  # poisoned.npz holds no image of the target class
+    g = r["guarded"]
+    assert g["clean_accuracy"] == pytest.approx(np.mean(dc.label == y))
+    assert g["fpr"] == pytest.approx(np.mean(dc.flagged))
+    assert g["asr"] == pytest.approx(np.mean(dt.label == TARGET))
+    assert g["restored"] == pytest.approx(np.mean(dt.label == ty))
+    assert g["tpr"] == pytest.approx(np.mean(dt.flagged))
+    u = r["undefended"]
+    assert u["asr"] == pytest.approx(np.mean(dt.original_label == TARGET))
+    assert u["clean_accuracy"] == pytest.approx(np.mean(dc.original_label == y))
+    # the backdoor works and the guard stops it on this example
+    assert u["asr"] > 0.9 and g["asr"] < 0.1 and g["tpr"] > 0.9
+    # the disagreement rule can only add flags
+    assert r["guarded_with_disagreement"]["tpr"] >= g["tpr"]
+    assert r["guarded_with_disagreement"]["fpr"] >= g["fpr"]
+    assert 0.9 < r["auroc_p_value"] <= 1.0
+    assert r["forward_passes_per_input"] == 2
+    assert r["providers"][0] == "CPUExecutionProvider"
+    assert "activation range" in r["detectors"]  # the range detector is on by default
+    md = (tmp_path / "eval" / "evaluation.md").read_text()
+    assert "attack success (-> stripes_h)" in md and md.strip() in out
+    png = (tmp_path / "eval" / "evaluation.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_per_image_target_labels_and_the_attackers_own_class_left_out(
+    artifact_dir: Path, engine: Any, tmp_path: Path
+) -> None:
+    trig = np.load(TINY / "poisoned.npz")
+    x, y = trig["images"], trig["labels"]
+    wanted = (y + 1) % 4  # an all-to-all attack s -> s + 1
+    wanted[:5] = y[:5]  # five images whose true class is already the attacker's
+    path = tmp_path / "a2a.npz"
+    np.savez(path, images=x, labels=y, target_labels=wanted)
+    code, _, err = run_cli(
+        [
+            "evaluate", "--artifact", str(artifact_dir), "--clean", str(TINY / "clean.npz"),
+            "--triggered", str(path), "--out", str(tmp_path / "eval"), "--threads", "1",
+        ]
+    )  # fmt: skip
+    assert code == 0, err
+    r = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert r["triggered_left_out"] == 5 and r["triggered_images"] == len(y) - 5
+    dt = _reference(engine, x[5:])
+    assert r["guarded"]["asr"] == pytest.approx(np.mean(dt.label == wanted[5:]))
+    assert r["undefended"]["asr"] == pytest.approx(np.mean(dt.original_label == wanted[5:]))
+    names = ("stripes_h", "stripes_v", "blob", "rings")
+    assert r["attacker_classes"] == [names[k] for k in np.unique(wanted[5:])]
+
+
+def test_an_image_folder_without_the_attackers_class(artifact_dir: Path, tmp_path: Path) -> None:
+    trig = np.load(TINY / "poisoned.npz")
+    names = ("stripes_h", "stripes_v", "blob", "rings")
+    root = tmp_path / "triggered"
+    for i, (img, label) in enumerate(zip(trig["images"][:12], trig["labels"][:12], strict=True)):
+        folder = root / names[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(folder / f"{i}.png")
+    code, out, err = run_cli(
+        [
+            "evaluate", "--artifact", str(artifact_dir), "--clean", str(TINY / "clean.npz"),
+            "--triggered", str(root), "--target", "0", "--threads", "1",
+        ]
+    )  # fmt: skip
+    assert code == 0, err
+    assert "120 clean and 12 triggered test images" in out
+
+
+def _bad(artifact_dir: Path, *extra: str) -> str:
+    args = ["evaluate", "--artifact", str(artifact_dir), "--clean", str(TINY / "clean.npz")]
+    code, out, err = run_cli([*args, *extra])
+    assert code == 2 and out == ""
+    assert err.startswith("mmguard evaluate: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_bad_input_is_one_line_and_status_2(artifact_dir: Path, tmp_path: Path) -> None:
+    poisoned = str(TINY / "poisoned.npz")
+    assert "--target CLASS" in _bad(artifact_dir, "--triggered", poisoned)
+    assert "'cat'" in _bad(artifact_dir, "--triggered", poisoned, "--target", "cat")
+    assert "classes 0..3" in _bad(artifact_dir, "--triggered", poisoned, "--target", "7")
+    missing = str(tmp_path / "nope.npz")
+    assert "triggered test set not found" in _bad(artifact_dir, "--triggered", missing)
+    trig = np.load(TINY / "poisoned.npz")
+    short = tmp_path / "short.npz"
+    np.savez(short, images=trig["images"], labels=trig["labels"], target_labels=np.zeros(3, int))
+    assert "expected [90]" in _bad(artifact_dir, "--triggered", str(short))
+    big = tmp_path / "big.npz"
+    np.savez(big, images=np.zeros((2, 32, 32, 3), np.uint8), labels=np.array([1, 2]))
+    assert "takes [3, 16, 16]" in _bad(artifact_dir, "--triggered", str(big), "--target", "0")
+    only_target = tmp_path / "target.npz"
+    np.savez(only_target, images=trig["images"][:2], labels=np.zeros(2, int))
+    assert "nothing to measure" in _bad(
+        artifact_dir, "--triggered", str(only_target), "--target", "0"
+    )
+    err = _bad(tmp_path, "--triggered", poisoned, "--target", "0")  # not an artifact
+    assert "manifest" in err
