@@ -667,6 +667,28 @@ def table(cache_dir: Path, null_kind: str | None = None, variant: str = "") -> s
     return "\n".join(lines)
 
 
+def export_sets(attack_name: str, data: dict[str, np.ndarray], out: Path) -> tuple[Path, Path]:
+    """The evaluation images of `run` as `mmguard evaluate` reads them: out/clean.npz (the 9,000
+    clean evaluation images, their labels) and out/triggered-ATTACK.npz (their triggered copies
+    that count for attack success, their true labels and the attacker's, `target_labels`)."""
+    attack: Attack = ATTACKS[attack_name]
+    eval_idx = split_test(data["y_test"])[2]
+    x, y = data["x_test"][eval_idx], data["y_test"][eval_idx]
+    mask = attack.eval_mask(y)
+    names = data["class_names"]
+    out.mkdir(parents=True, exist_ok=True)
+    clean, trig = out / "clean.npz", out / f"triggered-{attack_name}.npz"
+    np.savez(clean, images=x, labels=y, class_names=names)
+    np.savez(
+        trig,
+        images=attack.trigger(x[mask]),
+        labels=y[mask],
+        target_labels=attack.attacker_labels(y[mask]),
+        class_names=names,
+    )
+    return clean, trig
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -705,6 +727,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     n.add_argument("names", nargs="+", type=model_name)
     n.add_argument("--variant", default="", help="the calibration variant to rescore")
+    e = sub.add_parser(
+        "export", help="write the evaluation images of an attack as `mmguard evaluate` reads them"
+    )
+    e.add_argument("attacks", nargs="+", choices=sorted(ATTACKS))
+    e.add_argument("--out", type=Path, required=True)
     t = sub.add_parser("table", help="print markdown tables of all results")
     t.add_argument(
         "--null",
@@ -712,15 +739,22 @@ def main(argv: list[str] | None = None) -> int:
         help="main table under this null kind (default: each artifact's own null)",
     )
     t.add_argument("--variant", default="", help="main table of this calibration variant")
-    for p in (r, n):
+    for p in (r, n, e):
         p.add_argument(
             "--data",
             type=Path,
             default=REPO_ROOT.parent / "shared" / "data" / "cifar10_jpg.tar.xz",
         )
-    for p in (r, n, t):
+    for p in (r, n, t, e):
         p.add_argument("--cache-dir", type=Path, default=REPO_ROOT / ".cache" / "bench")
     args = parser.parse_args(argv)
+    if args.cmd == "export":
+        from benchmarks.cifar import load_cifar10
+
+        data = load_cifar10(args.data, args.cache_dir)
+        for name in args.attacks:
+            print(*export_sets(name, data, args.out))
+        return 0
     if args.cmd == "table":
         print(table(args.cache_dir, args.null, args.variant))
         return 0

@@ -115,3 +115,26 @@ def test_main_table_of_a_variant_under_another_null(
     assert len(main_rows) == 1 and main_rows[0].startswith("| badnets | 81.00")
     assert "1.23 / 1.23" in main_rows[0]
     assert "wanet: no gpd figures" in capsys.readouterr().err
+
+
+def test_exported_sets_are_what_mmguard_evaluate_reads(tmp_path: Path) -> None:
+    from benchmarks.evaluate import export_sets, split_test
+    from calibrate.assess import attacker_labels
+    from calibrate.dataset import load_labelled_images
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(10), 110)
+    names = np.array([f"c{k}" for k in range(10)])
+    data = {"x_test": rng.integers(0, 256, (y.size, 32, 32, 3), dtype=np.uint8), "y_test": y,
+            "class_names": names}  # fmt: skip
+    eval_idx = split_test(y)[2]
+    for attack, wanted in (("all2all", lambda t: (t + 1) % 10), ("badnets", np.zeros_like)):
+        clean, trig = export_sets(attack, data, tmp_path)
+        c = load_labelled_images(clean, class_names=tuple(names))
+        assert np.array_equal(c.labels, y[eval_idx])
+        t = load_labelled_images(trig, class_names=tuple(names), every_class=False)
+        kept = y[eval_idx] if attack == "all2all" else y[eval_idx][y[eval_idx] != 0]
+        assert np.array_equal(t.labels, kept)
+        got = attacker_labels(trig, None, tuple(names), len(t.labels))
+        assert np.array_equal(got, wanted(kept))
+        assert not np.array_equal(t.images, c.images[: len(t.images)])  # the trigger is on
