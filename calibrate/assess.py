@@ -18,11 +18,14 @@ import json
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from calibrate.errors import CalibrationError
+
+if TYPE_CHECKING:
+    from guard.engine import Device
 
 DEFAULT_BATCH = 256
 
@@ -78,19 +81,27 @@ def run(args: argparse.Namespace) -> int:
             raise CalibrationError(f"--batch-size must be at least 1, got {args.batch_size}")
         if args.threads < 0:
             raise CalibrationError(f"--threads must be 0 or more, got {args.threads}")
+        if args.out is not None and args.out.exists() and not args.out.is_dir():
+            raise CalibrationError(f"--out {args.out} exists and is not a directory")
         art = load_artifact(args.artifact)
-        result = evaluate(art, args.clean, args.triggered, args.target, args)
+        result, scores = evaluate(
+            art, args.clean, args.triggered, args.target, args.device, args.threads,
+            args.batch_size,
+        )  # fmt: skip
     except (CalibrationError, ArtifactError, EngineError) as exc:
         print(f"mmguard evaluate: error: {exc}", file=sys.stderr)
         return 2
     text = markdown(result)
     print(text)
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "evaluation.md").write_text(text + "\n")
-        scores = result.pop("_scores")
-        (args.out / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
-        plot(scores, args.out / "evaluation.png")
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "evaluation.md").write_text(text + "\n")
+            (args.out / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
+            plot(scores, args.out / "evaluation.png")
+        except OSError as exc:
+            print(f"mmguard evaluate: error: cannot write to {args.out}: {exc}", file=sys.stderr)
+            return 2
         print(f"\nwrote {args.out / 'evaluation.md'}, evaluation.json and evaluation.png")
     return 0
 
@@ -161,8 +172,15 @@ def _outputs(engine: Any, x: np.ndarray, batch: int) -> list[np.ndarray | None]:
 
 
 def evaluate(
-    art: Any, clean_path: Path, trig_path: Path, target: str | None, args: argparse.Namespace
-) -> dict[str, Any]:
+    art: Any,
+    clean_path: Path,
+    trig_path: Path,
+    target: str | None,
+    device: Device = "auto",
+    threads: int = 0,
+    batch_size: int = DEFAULT_BATCH,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The figures (as evaluation.json holds them) and the per-input scores behind the plot."""
     from calibrate.scoring import attack_figures, auroc, suspicion, undefended_figures
     from guard.engine import GuardEngine
     from guard.mmdf import DecisionRule, decide, statistic
@@ -177,9 +195,9 @@ def evaluate(
             "label: nothing to measure the attack on"
         )
     tx, ty, attacker = trig.images[keep], trig.labels[keep], attacker[keep]
-    engine = GuardEngine(art, args.device, args.threads)
-    g, gz, gs, gr = _outputs(engine, clean.images, args.batch_size)
-    tg, tgz, tgs, tgr = _outputs(engine, tx, args.batch_size)
+    engine = GuardEngine(art, device, threads)
+    g, gz, gs, gr = _outputs(engine, clean.images, batch_size)
+    tg, tgz, tgs, tgr = _outputs(engine, tx, batch_size)
     assert g is not None and gz is not None and tg is not None and tgz is not None
     rules: dict[str, Any] = {}
     p_clean = p_trig = None
@@ -192,7 +210,7 @@ def evaluate(
     assert p_clean is not None and p_trig is not None
     d_clean, d_trig = statistic(g, gz), statistic(tg, tgz)
     targets = np.unique(attacker)
-    return {
+    result = {
         "artifact": str(art.root),
         "model": art.name,
         "clean_images": len(clean.labels),
@@ -211,14 +229,15 @@ def evaluate(
         "guarded_with_disagreement": rules["p_dis"],
         "auroc_p_value": auroc(suspicion(p_clean), suspicion(p_trig)),
         "auroc_learned_statistic": auroc(d_clean, d_trig),
-        "_scores": {
-            "alpha": art.rule.alpha,
-            "p_clean": p_clean,
-            "p_trig": p_trig,
-            "d_clean": d_clean,
-            "d_trig": d_trig,
-        },
     }
+    scores = {
+        "alpha": art.rule.alpha,
+        "p_clean": p_clean,
+        "p_trig": p_trig,
+        "d_clean": d_clean,
+        "d_trig": d_trig,
+    }
+    return result, scores
 
 
 def markdown(r: dict[str, Any]) -> str:

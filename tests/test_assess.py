@@ -141,3 +141,7 @@ def test_bad_input_is_one_line_and_status_2(artifact_dir: Path, tmp_path: Path) 
     )
     err = _bad(tmp_path, "--triggered", poisoned, "--target", "0")  # not an artifact
     assert "manifest" in err
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    err = _bad(artifact_dir, "--triggered", poisoned, "--target", "0", "--out", str(a_file))
+    assert "is not a directory" in err
