@@ -65,6 +65,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         help="also write evaluation.md, evaluation.json and evaluation.png (ROC curve and "
         "histograms) into this directory",
     )
+    p.add_argument(
+        "--alpha", type=float, default=None, help="flag when p < alpha (default: the manifest's)"
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: its default)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
@@ -81,12 +84,14 @@ def run(args: argparse.Namespace) -> int:
             raise CalibrationError(f"--batch-size must be at least 1, got {args.batch_size}")
         if args.threads < 0:
             raise CalibrationError(f"--threads must be 0 or more, got {args.threads}")
+        if args.alpha is not None and not 0.0 < args.alpha < 1.0:
+            raise CalibrationError(f"--alpha must be in (0, 1), got {args.alpha}")
         if args.out is not None and args.out.exists() and not args.out.is_dir():
             raise CalibrationError(f"--out {args.out} exists and is not a directory")
         art = load_artifact(args.artifact)
         result, scores = evaluate(
             art, args.clean, args.triggered, args.target, args.device, args.threads,
-            args.batch_size,
+            args.batch_size, args.alpha,
         )  # fmt: skip
     except (CalibrationError, ArtifactError, EngineError) as exc:
         print(f"mmguard evaluate: error: {exc}", file=sys.stderr)
@@ -179,8 +184,10 @@ def evaluate(
     device: Device = "auto",
     threads: int = 0,
     batch_size: int = DEFAULT_BATCH,
+    alpha: float | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The figures (as evaluation.json holds them) and the per-input scores behind the plot."""
+    """The figures (as evaluation.json holds them) and the per-input scores behind the plot;
+    `alpha` replaces the manifest's level, as `mmguard serve --alpha` does."""
     from calibrate.scoring import attack_figures, auroc, suspicion, undefended_figures
     from guard.engine import GuardEngine
     from guard.mmdf import DecisionRule, decide, statistic
@@ -199,10 +206,11 @@ def evaluate(
     g, gz, gs, gr = _outputs(engine, clean.images, batch_size)
     tg, tgz, tgs, tgr = _outputs(engine, tx, batch_size)
     assert g is not None and gz is not None and tg is not None and tgz is not None
+    alpha = art.rule.alpha if alpha is None else alpha
     rules: dict[str, Any] = {}
     p_clean = p_trig = None
     for tag, dis in (("p", False), ("p_dis", True)):
-        rule = DecisionRule(art.rule.alpha, flag_on_disagreement=dis)
+        rule = DecisionRule(alpha, flag_on_disagreement=dis)
         dc = decide(g, gz, art.null, rule, art.start_detector(gs), art.range_detector(gr))
         dt = decide(tg, tgz, art.null, rule, art.start_detector(tgs), art.range_detector(tgr))
         rules[tag] = attack_figures(dc, clean.labels, dt, ty, attacker)
@@ -217,7 +225,7 @@ def evaluate(
         "triggered_images": len(ty),
         "triggered_left_out": int((~keep).sum()),
         "attacker_classes": [art.class_names[k] for k in targets.tolist()],
-        "alpha": art.rule.alpha,
+        "alpha": alpha,
         "detectors": ["learned bounds"]
         + (["start bounds"] if art.start_null is not None else [])
         + (["activation range"] if art.range_null is not None else []),
@@ -231,7 +239,7 @@ def evaluate(
         "auroc_learned_statistic": auroc(d_clean, d_trig),
     }
     scores = {
-        "alpha": art.rule.alpha,
+        "alpha": alpha,
         "p_clean": p_clean,
         "p_trig": p_trig,
         "d_clean": d_clean,

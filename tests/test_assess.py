@@ -63,6 +63,20 @@ def test_figures_are_the_engines_decisions_on_the_same_images(
     assert r["forward_passes_per_input"] == 2
     assert r["providers"][0] == "CPUExecutionProvider"
     assert "activation range" in r["detectors"]  # the range detector is on by default
+    assert r["alpha"] == 0.005
+    # a level of 0.5 flags at least as many inputs of each kind as the manifest's 0.005
+    code, _, err = run_cli(
+        [
+            "evaluate", "--artifact", str(artifact_dir), "--clean", str(TINY / "clean.npz"),
+            "--triggered", str(TINY / "poisoned.npz"), "--target", "0", "--alpha", "0.5",
+            "--out", str(tmp_path / "loose"), "--threads", "1",
+        ]
+    )  # fmt: skip
+    assert code == 0, err
+    loose = json.loads((tmp_path / "loose" / "evaluation.json").read_text())
+    assert loose["alpha"] == 0.5
+    assert loose["guarded"]["fpr"] >= g["fpr"] and loose["guarded"]["tpr"] >= g["tpr"]
+    assert loose["guarded"]["fpr"] > 0.2  # clean p-values spread over (0, 1]: many fall below
     md = (tmp_path / "eval" / "evaluation.md").read_text()
     assert "attack success (-> stripes_h)" in md and md.strip() in out
     png = (tmp_path / "eval" / "evaluation.png").read_bytes()
@@ -141,6 +155,9 @@ def test_bad_input_is_one_line_and_status_2(artifact_dir: Path, tmp_path: Path) 
     )
     err = _bad(tmp_path, "--triggered", poisoned, "--target", "0")  # not an artifact
     assert "manifest" in err
+    assert "--alpha must be in (0, 1)" in _bad(
+        artifact_dir, "--triggered", poisoned, "--target", "0", "--alpha", "1.5"
+    )
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     err = _bad(artifact_dir, "--triggered", poisoned, "--target", "0", "--out", str(a_file))
