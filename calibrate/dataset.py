@@ -88,7 +88,7 @@ def load_labelled_images(
     if not path.exists():
         raise CalibrationError(f"{what} not found: {path}")
     if path.is_dir():
-        images, labels, names = _load_image_folder(path, class_names, image_size, every_class)
+        images, labels, names = _load_image_folder(path, class_names, image_size, every_class, what)
     elif path.suffix.lower() == ".npz":
         images, labels, names = _load_npz(path, class_names)
     else:
@@ -101,12 +101,13 @@ def _load_image_folder(
     class_names: Sequence[str] | None,
     image_size: tuple[int, int] | None,
     every_class: bool = True,
+    what: str = "clean set",
 ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     """Decode ``root/<class>/<image>`` into arrays; labels by `class_names` or sorted folders.
     Without `every_class` the folders may be any of `class_names`' (labels still by its order)."""
     folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
-        raise CalibrationError(f"clean set directory {root} has no class folders (root/<class>/)")
+        raise CalibrationError(f"{what} directory {root} has no class folders (root/<class>/)")
     names = tuple(folders)
     if class_names is not None:
         given = tuple(class_names)

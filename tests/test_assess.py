@@ -158,6 +158,10 @@ def test_bad_input_is_one_line_and_status_2(artifact_dir: Path, tmp_path: Path) 
     assert "--alpha must be in (0, 1)" in _bad(
         artifact_dir, "--triggered", poisoned, "--target", "0", "--alpha", "1.5"
     )
+    (tmp_path / "flat").mkdir()
+    assert "triggered test set directory" in _bad(
+        artifact_dir, "--triggered", str(tmp_path / "flat"), "--target", "0"
+    )
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     err = _bad(artifact_dir, "--triggered", poisoned, "--target", "0", "--out", str(a_file))
