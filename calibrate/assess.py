@@ -96,6 +96,12 @@ def run(args: argparse.Namespace) -> int:
     except (CalibrationError, ArtifactError, EngineError) as exc:
         print(f"mmguard evaluate: error: {exc}", file=sys.stderr)
         return 2
+    except ImportError as exc:  # a serving-only install: Pillow and matplotlib are missing
+        print(
+            f"mmguard evaluate: error: {exc}; install mmguard[calibrate] for Pillow and matplotlib",
+            file=sys.stderr,
+        )
+        return 2
     text = markdown(result)
     print(text)
     if args.out is not None:
@@ -106,6 +112,11 @@ def run(args: argparse.Namespace) -> int:
             plot(scores, args.out / "evaluation.png")
         except OSError as exc:
             print(f"mmguard evaluate: error: cannot write to {args.out}: {exc}", file=sys.stderr)
+            return 2
+        except ImportError as exc:
+            print(
+                f"mmguard evaluate: error: evaluation.png needs matplotlib: {exc}", file=sys.stderr
+            )
             return 2
         print(f"\nwrote {args.out / 'evaluation.md'}, evaluation.json and evaluation.png")
     return 0
@@ -146,9 +157,12 @@ def attacker_labels(path: Path, target: str | None, class_names: tuple[str, ...]
         return np.full(n, k, dtype=np.int64)
     stored = None
     if path.suffix.lower() == ".npz" and zipfile.is_zipfile(path):
-        with np.load(path, allow_pickle=False) as npz:
-            if "target_labels" in npz.files:
-                stored = npz["target_labels"]
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                if "target_labels" in npz.files:
+                    stored = npz["target_labels"]
+        except (ValueError, OSError, zipfile.BadZipFile) as exc:  # e.g. an object array
+            raise CalibrationError(f"cannot read target_labels from {path}: {exc}") from None
     if stored is None:
         raise CalibrationError(
             "say which class the attacker wants: --target CLASS (all-to-one), or an array "

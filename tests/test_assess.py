@@ -145,6 +145,10 @@ def test_bad_input_is_one_line_and_status_2(artifact_dir: Path, tmp_path: Path) 
     short = tmp_path / "short.npz"
     np.savez(short, images=trig["images"], labels=trig["labels"], target_labels=np.zeros(3, int))
     assert "expected [90]" in _bad(artifact_dir, "--triggered", str(short))
+    objects = tmp_path / "objects.npz"
+    labels = np.array([None] * len(trig["labels"]), dtype=object)
+    np.savez(objects, images=trig["images"], labels=trig["labels"], target_labels=labels)
+    assert "cannot read target_labels" in _bad(artifact_dir, "--triggered", str(objects))
     big = tmp_path / "big.npz"
     np.savez(big, images=np.zeros((2, 32, 32, 3), np.uint8), labels=np.array([1, 2]))
     assert "takes [3, 16, 16]" in _bad(artifact_dir, "--triggered", str(big), "--target", "0")
