@@ -38,14 +38,19 @@ flagged without the floor, none with it; the same triggered images flagged (0.01
 
 def ratio_denominators(clean_scale: torch.Tensor, floor: float = RANGE_FLOOR) -> torch.Tensor:
     """Each channel's clean scale (`clean_scales`), raised to `floor` times the median over the
-    site's active channels; 0 stays 0 (a channel never active on the clean images is left out)."""
+    site's active channels; 0 stays 0 (a channel never active on the clean images is left out).
+    `clean_scale` is [C], or [N, C] for one set of scales per row (the leave-one-out ones)."""
     u = clean_scale.detach().float()
-    active = u[u > 0]
-    if active.numel() == 0:
-        return torch.zeros_like(u)
-    return torch.where(
-        u > 0, u.clamp(min=floor * float(torch.quantile(active, 0.5))), torch.zeros_like(u)
-    )
+    active = u > 0
+    median = torch.nanquantile(torch.where(active, u, torch.nan), 0.5, dim=-1, keepdim=True)
+    return torch.where(active, torch.maximum(u, floor * median), torch.zeros_like(u))
+
+
+def inverse_scales(clean_scale: torch.Tensor, floor: float = RANGE_FLOOR) -> torch.Tensor:
+    """1 / `ratio_denominators`, and 0 where a channel counts 0: what an activation is
+    multiplied by to give its ratio."""
+    d = ratio_denominators(clean_scale, floor)
+    return torch.where(d > 0, 1.0 / d.clamp(min=1e-30), torch.zeros_like(d))
 
 
 class SiteRatio(nn.Module):
@@ -57,9 +62,8 @@ class SiteRatio(nn.Module):
 
     def __init__(self, clean_scale: torch.Tensor) -> None:
         super().__init__()
-        u = ratio_denominators(clean_scale)
         self.inv_scale: torch.Tensor
-        self.register_buffer("inv_scale", torch.where(u > 0, 1.0 / u, torch.zeros_like(u)))
+        self.register_buffer("inv_scale", inverse_scales(clean_scale))
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         positions = tuple(range(2, a.dim()))
@@ -158,16 +162,8 @@ def leave_one_out_ratios(
         first[index[top.indices[0]], torch.arange(channels)] = True
         largest = torch.where(first, top.values[1], top.values[0])  # of the others
         u = torch.where(kth > 0, kth, largest)
-        out[:, s] = (a * _inverse_scales(u, floor)).amax(dim=1).numpy()
+        out[:, s] = (a * inverse_scales(u, floor)).amax(dim=1).numpy()
     return out
-
-
-def _inverse_scales(u: torch.Tensor, floor: float) -> torch.Tensor:
-    """1 / `ratio_denominators` of each row of u [N, C] (0 where a channel counts 0)."""
-    active = u > 0
-    median = torch.nanquantile(torch.where(active, u, torch.nan), 0.5, dim=1, keepdim=True)
-    d = torch.where(active, torch.maximum(u, floor * median), torch.zeros_like(u))
-    return torch.where(d > 0, 1.0 / d.clamp(min=1e-30), torch.zeros_like(d))
 
 
 class RangeNetwork(nn.Module):
