@@ -14,6 +14,7 @@ about the attack and are left out (the count is reported)."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import zipfile
@@ -88,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
             raise CalibrationError(f"--alpha must be in (0, 1), got {args.alpha}")
         if args.out is not None and args.out.exists() and not args.out.is_dir():
             raise CalibrationError(f"--out {args.out} exists and is not a directory")
+        if args.out is not None:  # evaluation.png: fail before the evaluation, not after it
+            importlib.import_module("matplotlib")
         art = load_artifact(args.artifact)
         result, scores = evaluate(
             art, args.clean, args.triggered, args.target, args.device, args.threads,
@@ -96,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     except (CalibrationError, ArtifactError, EngineError) as exc:
         print(f"mmguard evaluate: error: {exc}", file=sys.stderr)
         return 2
-    except ImportError as exc:  # a serving-only install: Pillow and matplotlib are missing
+    except ImportError as exc:  # a serving-only install: Pillow or matplotlib is missing
         print(
             f"mmguard evaluate: error: {exc}; install mmguard[calibrate] for Pillow and matplotlib",
             file=sys.stderr,
@@ -112,11 +115,6 @@ def run(args: argparse.Namespace) -> int:
             plot(scores, args.out / "evaluation.png")
         except OSError as exc:
             print(f"mmguard evaluate: error: cannot write to {args.out}: {exc}", file=sys.stderr)
-            return 2
-        except ImportError as exc:
-            print(
-                f"mmguard evaluate: error: evaluation.png needs matplotlib: {exc}", file=sys.stderr
-            )
             return 2
         print(f"\nwrote {args.out / 'evaluation.md'}, evaluation.json and evaluation.png")
     return 0

@@ -5,6 +5,7 @@ writes, and bad input as one line on stderr with exit status 2."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -172,3 +173,14 @@ def test_bad_input_is_one_line_and_status_2(artifact_dir: Path, tmp_path: Path) 
     a_file.write_text("")
     err = _bad(artifact_dir, "--triggered", poisoned, "--target", "0", "--out", str(a_file))
     assert "is not a directory" in err
+
+
+def test_missing_matplotlib_with_out_fails_before_evaluating(
+    artifact_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import raises ImportError
+    out = tmp_path / "report"
+    poisoned = str(TINY / "poisoned.npz")
+    err = _bad(artifact_dir, "--triggered", poisoned, "--target", "0", "--out", str(out))
+    assert "matplotlib" in err and "mmguard[calibrate]" in err
+    assert not out.exists()  # nothing evaluated or written
