@@ -20,14 +20,21 @@ def factory_for(width: int) -> str:
     return FACTORIES[width]
 
 
-def calibration_config(flags: Sequence[str] = ()) -> Any:
-    """The configuration ``mmguard calibrate FLAGS`` runs with, parsed by the command's own
-    parser (the model, data and output paths it requires do not enter the configuration)."""
-    from calibrate.cli import config_from_args
+def calibration_args(flags: Sequence[str] = ()) -> Any:
+    """``mmguard calibrate FLAGS`` parsed by the command's own parser (with placeholder model,
+    data and output paths, which the callers replace)."""
     from guard.cli import build_parser
 
     argv = ["calibrate", "--factory", FACTORY, "--weights", "-", "--data", "-", "--out", "-"]
-    return config_from_args(build_parser().parse_args([*argv, *flags]))
+    return build_parser().parse_args([*argv, *flags])
+
+
+def calibration_config(flags: Sequence[str] = ()) -> Any:
+    """The configuration ``mmguard calibrate FLAGS`` runs with (the model, data and output
+    paths it requires do not enter the configuration)."""
+    from calibrate.cli import config_from_args
+
+    return config_from_args(calibration_args(flags))
 
 
 def calibrate_cifar(
@@ -42,10 +49,12 @@ def calibrate_cifar(
     """``mmguard calibrate --factory F --weights W --data D --out O FLAGS``; returns the
     pipeline's result, the configuration it ran with, and the wall seconds. ``observer``: the
     job's per-iteration diagnostics hook (``CalibrationJob.observer``)."""
+    from calibrate.cli import config_from_args
     from calibrate.modelsrc import ModelSource
     from calibrate.pipeline import CalibrationJob, run_calibration
 
-    cfg = calibration_config(flags)
+    args = calibration_args(flags)
+    cfg = config_from_args(args)
     job = CalibrationJob(
         model=ModelSource(factory=factory, weights=weights),
         data=data_npz,
@@ -55,6 +64,7 @@ def calibrate_cifar(
         force=True,
         quiet=True,
         observer=observer,
+        device=args.device,  # `--device` among the flags; auto by default, as the command
     )
     t = time.perf_counter()
     result = run_calibration(job)

@@ -75,7 +75,8 @@ def series(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         raise SystemExit(f"{calib_npz} is missing: run benchmarks.evaluate once first")
     with np.load(calib_npz) as z:
         calib = torch.from_numpy(to_float(z["images"]))
-    flags = shlex.split(args.calibrate_args)
+    # the observer runs the networks on these CPU tensors: the calibration stays on the CPU
+    flags = [*shlex.split(args.calibrate_args), "--device", "cpu"]
     cfg = calibration_config(flags)
     inputs = {"clean": clean, "triggered": triggered, "calib": calib}
     reference: dict[str, np.ndarray] = {}

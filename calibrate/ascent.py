@@ -46,12 +46,18 @@ def ascent_optimizer(x: torch.Tensor, settings: AscentSettings) -> torch.optim.O
 
 
 def random_starts(
-    num_classes: int, per_class: int, chw: tuple[int, ...], generator: torch.Generator
+    num_classes: int,
+    per_class: int,
+    chw: tuple[int, ...],
+    generator: torch.Generator,
+    device: torch.device | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """K * J uniform random points of [0,1]^d and their target classes (class-major order)."""
+    """K * J uniform random points of [0,1]^d and their target classes (class-major order),
+    drawn on the CPU from `generator` (the same points on every device), then moved to
+    `device`."""
     x = torch.rand((num_classes * per_class, *chw), generator=generator)
     k = torch.arange(num_classes).repeat_interleave(per_class)
-    return x, k
+    return x.to(device), k.to(device)
 
 
 def maximize_margins(
@@ -71,7 +77,7 @@ def maximize_margins(
     large margins end the ascent of a class that is still climbing."""
     x = x0.detach().clone().requires_grad_(True)
     opt = ascent_optimizer(x, settings)
-    active = torch.ones(len(x), dtype=torch.bool)
+    active = torch.ones(len(x), dtype=torch.bool, device=x.device)
     previous: dict[int, float] = {}
     for _ in range(settings.steps):
         rows = active.nonzero().squeeze(1)

@@ -130,7 +130,8 @@ def _trace(model: nn.Module, sample: torch.Tensor) -> fx.GraphModule:
 
 class BoundedNetwork(nn.Module):
     """The traced network with a ChannelBound after every ReLU-type call site. It shares the
-    original weights (frozen) and exposes only the bounds as trainable parameters."""
+    original weights (frozen) and exposes only the bounds as trainable parameters. The bounds
+    live on `sample`'s device, which must be the model's."""
 
     def __init__(self, model: nn.Module, sample: torch.Tensor) -> None:
         super().__init__()
@@ -145,7 +146,7 @@ class BoundedNetwork(nn.Module):
             if meta is None or len(meta.shape) < 2:
                 continue
             name = f"bound_{len(sites):02d}"
-            gm.add_submodule(name, ChannelBound(int(meta.shape[1])))
+            gm.add_submodule(name, ChannelBound(int(meta.shape[1])).to(sample.device))
             with gm.graph.inserting_after(node):
                 bounded = gm.graph.call_module(name, (node,))
             node.replace_all_uses_with(bounded, delete_user_cb=lambda u, b=bounded: u is not b)

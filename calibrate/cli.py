@@ -95,6 +95,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     out.add_argument("--force", action="store_true", help="replace an existing --out")
     out.add_argument("--quiet", action="store_true", help="no progress bars")
     out.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    out.add_argument(
+        "--device",
+        default="auto",
+        help="where the torch work runs: auto (the first CUDA GPU torch sees, else the CPU; "
+        "the default), cpu, cuda or cuda:N; export runs on the CPU",
+    )
     _add_method_flags(p)
     return p
 
@@ -261,6 +267,7 @@ def run(args: argparse.Namespace) -> int:
             config=cfg,
             force=args.force,
             quiet=args.quiet,
+            device=args.device,
         )
         outcome = run_calibration(job)
     except CalibrationError as exc:
@@ -287,9 +294,11 @@ def summary(report: dict[str, Any], out: Path) -> str:
         f"{report['iterations']} iterations; these are the bounds of iteration {kept}, the last "
         "that met it (more --overtime-iters or a smaller --lambda-init let a run finish on it)"
     )
+    on = f" on {report['device']}" if report.get("device") else ""
     return "\n".join(
         [
-            f"wrote {out} ({report['iterations']} iterations, {report['timing_s']['total']:.1f} s)",
+            f"wrote {out} ({report['iterations']} iterations, "
+            f"{report['timing_s']['total']:.1f} s{on})",
             f"  MM-BD: {verdict}",
             f"  held-out clean: accuracy {h['accuracy_original']:.2%} original, "
             f"{h['accuracy_guarded']:.2%} guarded; bounded agrees on {h['agreement']:.2%}; "

@@ -110,7 +110,7 @@ def learn_bounds(
     if initial_maxima is not None:  # already ascended (warm start)
         x_max, k_max = initial_maxima[0].detach().clone(), initial_maxima[1]
     else:
-        x_max, k_max = random_starts(num_classes, per_class, chw, gen)
+        x_max, k_max = random_starts(num_classes, per_class, chw, gen, images.device)
         x_max, _ = maximize_margins(source, x_max, k_max, cold)
     x_max.requires_grad_(fused)
     opt_x = ascent_optimizer(x_max, warm) if fused else None
@@ -122,7 +122,7 @@ def learn_bounds(
             with torch.no_grad():
                 x_max.copy_(maximize_margins(net, x_max, k_max, warm)[0])
         elif sched.mm_source == "original" and (it - 1) % sched.redraw_every == 0 and it > 1:
-            x_max, k_max = random_starts(num_classes, per_class, chw, gen)
+            x_max, k_max = random_starts(num_classes, per_class, chw, gen, images.device)
             x_max, _ = maximize_margins(original, x_max, k_max, cold)
         if opt_x is not None:
             opt_x.zero_grad(set_to_none=True)

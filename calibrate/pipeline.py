@@ -20,6 +20,7 @@ from calibrate.ascent import AscentSettings, maximize_margins, random_starts
 from calibrate.bounded import BoundedNetwork, Normalized
 from calibrate.config import CalibrationConfig, null_size_problem
 from calibrate.dataset import CleanSet, load_clean_set, split_clean_set
+from calibrate.device import describe, device_of, resolve_device
 from calibrate.errors import CalibrationError
 from calibrate.evaluation import heldout_figures
 from calibrate.export import MAX_ABS_DIFF, OPSET, OUTPUT_NAME, export_verified
@@ -63,6 +64,8 @@ class CalibrationJob:
     config: CalibrationConfig = field(default_factory=CalibrationConfig)
     force: bool = False
     quiet: bool = False
+    # where the torch work runs (`calibrate.device.resolve_device`: auto, cpu, cuda, cuda:N)
+    device: str = "cpu"
     # diagnostics: called after every bound-learning iteration with the iteration (from 1), its
     # figures, the bounded network as that iteration left it and the original; must not
     # change either network
@@ -126,8 +129,8 @@ def _learning_set(
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """D and its supervision: MMAC keeps the correctly classified images and their original
     logits; MMOM keeps all images with their true labels."""
-    x = torch.from_numpy(learn.images)
-    y = torch.from_numpy(learn.labels)
+    x = torch.from_numpy(learn.images).to(logits.device)
+    y = torch.from_numpy(learn.labels).to(logits.device)
     if cfg.objective == "mmom":
         return x, y, 0
     keep = logits.argmax(dim=1) == y if cfg.correct_only else torch.ones_like(y, dtype=torch.bool)
@@ -154,7 +157,7 @@ def _max_margins(
     each class stopping once its summed margin changes by less than 1e-5 relatively (SPEC 5).
     Also returns the final points."""
     x, m = maximize_margins(net, *starts, mmbd_ascent(cfg, steps), on_step=progress.tick)
-    return m.view(k, -1).amax(dim=1).numpy().astype(np.float64), x
+    return m.view(k, -1).amax(dim=1).cpu().numpy().astype(np.float64), x
 
 
 def original_maxima(
@@ -170,11 +173,11 @@ def original_maxima(
     the alternation's maxima. Returns r and (points, classes) in class-major order."""
     n = max(cfg.mmbd_starts, per_class)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    starts = random_starts(k, n, chw, gen)
+    starts = random_starts(k, n, chw, gen, device=device_of(model))
     with Progress("MM-BD max margins", cfg.mmbd_steps, quiet) as bar:
         settings = mmbd_ascent(cfg, cfg.mmbd_steps)
         x, m = maximize_margins(model, *starts, settings, on_step=bar.tick)
-    r = m.view(k, n)[:, : cfg.mmbd_starts].amax(dim=1).numpy().astype(np.float64)
+    r = m.view(k, n)[:, : cfg.mmbd_starts].amax(dim=1).cpu().numpy().astype(np.float64)
     return r, (x, starts[1])
 
 
@@ -184,7 +187,7 @@ def _per_class(
     """The first n points of each class from class-major (points, classes)."""
     x, c = points
     per = x.shape[0] // k
-    keep = (torch.arange(x.shape[0]) % per) < n
+    keep = (torch.arange(x.shape[0], device=x.device) % per) < n
     return x[keep].clone(), c[keep].clone()
 
 
@@ -214,12 +217,13 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
     cfg = job.config
     t0 = time.perf_counter()
     check_output(job.out, job.force)  # say so now, not after minutes of work
+    device = resolve_device(job.device)
     torch.manual_seed(cfg.seed)
     clean = load_clean_set(job.data, min_per_class=job.min_per_class, image_size=job.image_size)
     k = len(clean.class_names)
-    model = _prepare_model(job, clean)
+    model = _prepare_model(job, clean).to(device)
     learn, held = split_clean_set(clean, cfg.heldout_fraction, cfg.seed)
-    x_learn = torch.from_numpy(learn.images)
+    x_learn = torch.from_numpy(learn.images).to(device)
     learn_logits = batched_logits(model, x_learn, cfg.batch_size)
     _check_finite(learn_logits, "learning")
     x_d, ref, dropped = _learning_set(cfg, learn, learn_logits)
@@ -230,7 +234,7 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
     chw = tuple(int(v) for v in x_learn.shape[1:])
     net = BoundedNetwork(model, x_d[:2])
     net.init_bounds(cfg.bound_init, x_d, cfg.batch_size, ceiling=cfg.bound_ceiling == "max")
-    init = [b.detach().clone() for b in net.bounds()]
+    init = [b.detach().cpu().clone() for b in net.bounds()]  # the report reads them on the CPU
     timing: dict[str, float] = {"load": time.perf_counter() - t0}
 
     t = time.perf_counter()
@@ -262,16 +266,16 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
     timing["learn_bounds"] = mit.seconds
 
     t = time.perf_counter()
-    x_held = torch.from_numpy(held.images)
-    g_held = batched_logits(model, x_held, cfg.batch_size)
+    x_held = torch.from_numpy(held.images).to(device)
+    g_held = batched_logits(model, x_held, cfg.batch_size).cpu()
     _check_finite(g_held, "held-out")
-    gz_held = batched_logits(net, x_held, cfg.batch_size)
+    gz_held = batched_logits(net, x_held, cfg.batch_size).cpu()
     stats = statistic(g_held.numpy(), gz_held.numpy())
     null = _fit(stats, cfg.null, "")
     start_net, start_stats, start_null, gs_held = None, None, None, None
     if cfg.start_detector:
         start_net = _start_network(model, x_d, net, mit)
-        gs_held = batched_logits(start_net, x_held, cfg.batch_size).numpy()
+        gs_held = batched_logits(start_net, x_held, cfg.batch_size).cpu().numpy()
         start_stats = statistic(g_held.numpy(), gs_held)
         start_null = _fit(start_stats, cfg.start_null, "start detector's ")
     ranged = fit_range_detector(net, learn, held, cfg) if cfg.range_detector else None
@@ -297,9 +301,12 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
         r_after, _ = _max_margins(net, (x0, k0), k, after_steps, cfg, bar)
     timing["margins_after"] = time.perf_counter() - t
 
+    for module in (model, net, start_net, None if ranged is None else ranged.network):
+        if module is not None:
+            module.cpu()  # ONNX export and its check run on the CPU
     with staging_dir(job.out, job.force) as tmp:
         t = time.perf_counter()
-        probe = x_held[:64]
+        probe = x_held[:64].cpu()
         original_file = tmp / NETWORK_FILES["original"]
         if ranged is None:
             diffs = {"original": export_verified(model, probe, original_file)[0]}
@@ -349,6 +356,7 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
             "iterations": mit.iterations,
             "bounds_from_iteration": mit.bounds_from_iteration,
             "final_lambda": mit.final_lambda,
+            "device": describe(device),
             "timing_s": timing,
         }
         if start_null is not None and start_stats is not None:

@@ -18,6 +18,7 @@ import torch
 from torch import fx, nn
 
 from calibrate.bounded import BoundedNetwork
+from calibrate.device import device_of
 from calibrate.errors import CalibrationError
 
 RATIO_OUTPUT = "activation_ratio"
@@ -76,7 +77,8 @@ def per_image_maxima(
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Per site [N, C]: each image's largest activation per channel (over positions, and at
     least 0) in the ORIGINAL network (the bounds are lifted while recording and restored
-    afterwards); and the original network's logits [N, K] from the same forward passes."""
+    afterwards); and the original network's logits [N, K] from the same forward passes. The
+    passes run on `net`'s device; the results come back on the CPU."""
     saved = [b.detach().clone() for b in net.bounds()]
     per_site: list[list[torch.Tensor]] = [[] for _ in net.sites]
 
@@ -84,7 +86,7 @@ def per_image_maxima(
         def hook(_m: nn.Module, inputs: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
             a = inputs[0].detach()
             positions = tuple(range(2, a.dim()))
-            per_site[i].append((a.amax(dim=positions) if positions else a).clamp(min=0.0))
+            per_site[i].append((a.amax(dim=positions) if positions else a).clamp(min=0.0).cpu())
 
         return hook
 
@@ -93,8 +95,10 @@ def per_image_maxima(
         with torch.no_grad():
             for b in net.bounds():
                 b.fill_(float("inf"))
+            device = device_of(net)
             logits = [
-                net(images[i : i + batch_size]) for i in range(0, images.shape[0], batch_size)
+                net(images[i : i + batch_size].to(device)).cpu()
+                for i in range(0, images.shape[0], batch_size)
             ]
         return [torch.cat(chunks).float() for chunks in per_site], torch.cat(logits)
     finally:
@@ -174,13 +178,14 @@ class RangeNetwork(nn.Module):
         if len(scales) != len(net.sites):
             raise CalibrationError(f"{len(scales)} clean scales for {len(net.sites)} bound sites")
         gm: fx.GraphModule = copy.deepcopy(net.net)
+        device = device_of(gm)
         graph = gm.graph
         calls = {n.target: n for n in graph.nodes if n.op == "call_module"}
         ratios = []
         for site, u in zip(net.sites, scales, strict=True):
             node = calls[site.name]
             activation = node.args[0]
-            gm.add_submodule(f"ratio_{site.name}", SiteRatio(u))
+            gm.add_submodule(f"ratio_{site.name}", SiteRatio(u).to(device))
             with graph.inserting_after(node):
                 ratios.append(graph.call_module(f"ratio_{site.name}", (activation,)))
             node.replace_all_uses_with(activation)  # the original network: no bound
@@ -203,4 +208,7 @@ class RangeNetwork(nn.Module):
     @torch.no_grad()
     def ratios(self, x: torch.Tensor, batch_size: int) -> torch.Tensor:
         """The activation ratios [N, S] of `x`, in chunks."""
-        return torch.cat([self(x[i : i + batch_size])[1] for i in range(0, len(x), batch_size)])
+        device = device_of(self)
+        return torch.cat(
+            [self(x[i : i + batch_size].to(device))[1].cpu() for i in range(0, len(x), batch_size)]
+        )

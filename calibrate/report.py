@@ -207,6 +207,8 @@ def _markdown(report: Mapping[str, Any], figures: Sequence[str]) -> str:
     lines += _md_bounds(report)
     lines += _md_key_values("Configuration", report.get("config") or {}, _cell)
     lines += _md_key_values("Timing", _timing_ordered(report.get("timing_s") or {}), _seconds)
+    if report.get("device"):
+        lines += [f"Calibrated on {report['device']} (export on the CPU).", ""]
     if figures:
         lines += ["## Figures", ""]
         for name in figures:
