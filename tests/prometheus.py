@@ -98,6 +98,18 @@ class PrometheusProcess:
             assert time.monotonic() < deadline, "prometheus is not ready:\n" + self.log()
             time.sleep(0.2)
 
+    def wait_scraped(self, timeout_s: float = 30.0) -> None:
+        """Wait for a first successful scrape of every target (`up` is 1 for each), so that
+        traffic sent after it is counted as an increase between two scrapes. Prometheus runs
+        niced: on a busy machine its first scrape can come seconds after it is ready."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            up = self.query("up")
+            if up and all(r["value"][1] == "1" for r in up):
+                return
+            assert time.monotonic() < deadline, f"no successful scrape: {up}\n" + self.log()
+            time.sleep(0.2)
+
     def log(self) -> str:
         self._log.flush()
         return self.log_path.read_text()[-4000:]

@@ -62,6 +62,7 @@ def live(
         prom = PrometheusProcess(workdir, [f"127.0.0.1:{srv.server.metrics_port}"], GUARD_RULES)
         try:
             prom.wait_ready()
+            prom.wait_scraped()  # else the traffic may all come before the first sample
             assert _send_traffic(srv, samples) > 10
             yield srv, prom
         finally:
