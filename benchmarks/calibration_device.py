@@ -21,6 +21,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported
 
 import argparse
 import json
+import shlex
 import sys
 import tempfile
 import time
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     factory = args.factory or json.loads((EXAMPLE / "example.json").read_text())["factory"]
-    flags = args.calibrate_args.split()
+    flags = shlex.split(args.calibrate_args)
     from calibrate.errors import CalibrationError
 
     rows, reports = [], []
