@@ -24,13 +24,12 @@ import json
 import shlex
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.calibrating import calibration_args
+from benchmarks.calibrating import calibrate_cifar
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "calibrate" / "examples" / "cifar10"
 
@@ -38,25 +37,12 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "calibrate" / "examples" / "cifa
 def calibrate_on(
     device: str, factory: str, weights: Path, data: Path, out: Path, flags: list[str]
 ) -> tuple[dict[str, Any], float]:
-    """One `mmguard calibrate` run on `device`; its report and wall seconds."""
-    from calibrate.cli import config_from_args
-    from calibrate.modelsrc import ModelSource
-    from calibrate.pipeline import CalibrationJob, run_calibration
-
-    cfg = config_from_args(calibration_args(flags))
-    job = CalibrationJob(
-        model=ModelSource(factory=factory, weights=weights),
-        data=data,
-        out=out,
-        name=out.name,
-        config=cfg,
-        force=True,
-        quiet=True,
-        device=device,
+    """One `mmguard calibrate` run on `device` (the benchmarks' `calibrate_cifar`, with
+    `--device` last among the flags); its report and wall seconds."""
+    outcome, _, seconds = calibrate_cifar(
+        weights, data, out, out.name, [*flags, "--device", device], factory
     )
-    t = time.perf_counter()
-    outcome = run_calibration(job)
-    return outcome.report, time.perf_counter() - t
+    return outcome.report, seconds
 
 
 def bound_agreement(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float]:
