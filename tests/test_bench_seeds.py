@@ -1,0 +1,93 @@
+"""benchmarks.seeds: the seed list, the draws it records from earlier scoring, and its spread."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.seeds import main, parse_seeds, read_draws, record_from_results, table
+
+
+def test_parse_seeds_takes_lists_and_inclusive_ranges() -> None:
+    assert parse_seeds("3") == [3]
+    assert parse_seeds("1-3,7") == [1, 2, 3, 7]
+    assert parse_seeds(" 0 - 2 , 5") == [0, 1, 2, 5]
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [("3-1", "runs backwards"), ("1,1", "listed twice"), ("a", "expected"), ("-1", "expected")],
+)
+def test_parse_seeds_names_what_is_wrong(text: str, says: str) -> None:
+    with pytest.raises(ValueError, match=says):
+        parse_seeds(text)
+
+
+def _figures(asr: float, fpr: float) -> dict[str, float]:
+    return {"clean_accuracy": 0.9, "fpr": fpr, "asr": asr, "restored": 0.8, "tpr": 1 - asr}
+
+
+def _scored(cache: Path, name: str, variant: str, seed: int, asr: float, fpr: float) -> None:
+    """What `benchmarks.evaluate run NAME --variant V` leaves: results file and report."""
+    out = cache / "eval" / name
+    (out / f"artifact-{variant}").mkdir(parents=True)
+    report = {
+        "split": {"seed": seed},
+        "iterations": 60,
+        "device": "cpu",
+        "mmbd": {"suspected": True, "target": 5, "p_value": 1e-4, "gamma": {}},
+        "heldout": {"false_positive_rate": 0.01},
+        "range_detector": {"null": {}},
+    }
+    (out / f"artifact-{variant}" / "report.json").write_text(json.dumps(report))
+    results = {
+        "undefended_clean_accuracy": 0.91,
+        "undefended_asr": 0.99,
+        "p": _figures(asr, fpr),
+        "p_dis": _figures(asr / 2, 0.05),
+        "learned_statistic_alone": {"p": _figures(0.5, fpr), "p_dis": _figures(0.4, 0.05)},
+        "variant": {"name": variant, "calibrate_args": f"--seed {seed}"},
+        "calibrate_seconds": 10.0,
+    }
+    (out / f"results-{variant}.json").write_text(json.dumps(results))
+
+
+def test_add_records_a_scored_calibration_once_and_table_gives_the_spread(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _scored(tmp_path, "wanet", "a", 0, 0.01, 0.005)
+    _scored(tmp_path, "wanet", "b", 1, 0.03, 0.004)
+    _scored(tmp_path, "wanet", "c", 2, 0.10, 0.006)
+    record = record_from_results("wanet", tmp_path, "a")
+    assert record["seed"] == 0 and record["served"]["p"]["asr"] == 0.01
+    assert record["learned_alone"]["p"]["asr"] == 0.5
+    assert record["mmbd"] == {"suspected": True, "target": 5, "p_value": 1e-4}
+    for variant in ("a", "b", "c", "a"):  # "a" a second time is not a second draw
+        assert main(["add", "wanet", "--variant", variant, "--cache-dir", str(tmp_path)]) == 0
+    assert "already a draw" in capsys.readouterr().err
+    draws = read_draws(tmp_path / "eval" / "wanet" / "seeds.jsonl")
+    assert [d["seed"] for d in draws] == [0, 1, 2]
+    text = table(["wanet", "other"], tmp_path)
+    assert "| wanet | 1 | cpu | 60 | 3.00 / 0.40 / 90.00 |" in text
+    assert "wanet: 3 draws; guarded ASR min / median / max 1.00 / 3.00 / 10.00" in text
+    assert "at or under 2% in 1;" in text
+    assert "clean FPR 0.40 / 0.50 / 0.60" in text
+    assert "- other: no draws" in text
+
+
+def test_add_refuses_a_calibration_scored_without_the_range_detector(tmp_path: Path) -> None:
+    _scored(tmp_path, "wanet", "old", 0, 0.2, 0.005)
+    path = tmp_path / "eval" / "wanet" / "results-old.json"
+    results = json.loads(path.read_text())
+    del results["learned_statistic_alone"]
+    path.write_text(json.dumps(results))
+    with pytest.raises(SystemExit, match="without the range detector"):
+        record_from_results("wanet", tmp_path, "old")
+
+
+def test_run_names_a_bad_seed_list(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["run", "wanet", "--seeds", "5-2"])
+    assert "runs backwards" in capsys.readouterr().err
