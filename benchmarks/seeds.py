@@ -4,7 +4,7 @@ Run from the repository root::
 
     .venv/bin/python -m benchmarks.seeds run wanet_e24 --seeds 1-3
     .venv/bin/python -m benchmarks.seeds run wanet_w64_e90 --seeds 2-7 --device cuda
-    .venv/bin/python -m benchmarks.seeds add wanet_w64_e90 --variant seed1
+    .venv/bin/python -m benchmarks.seeds add wanet_w64_e90 --scored-variant seed1
     .venv/bin/python -m benchmarks.seeds table wanet_e24 wanet_w64_e90
 
 ``--seed`` is ``mmguard calibrate``'s: it draws the split of the clean calibration images into
@@ -15,8 +15,10 @@ could equally have run. ``run`` calibrates the model with ``mmguard calibrate``'
 images and their triggered copies, served (today's default) and with the learned statistic
 alone. Each draw is appended as one JSON line to ``CACHE/eval/NAME/seeds.jsonl`` (a run
 elsewhere, e.g. on a GPU machine, adds its lines to the same file); ``table`` prints every
-draw and the spread (min, median, max) per model. ``add`` records a calibration that
-``benchmarks.evaluate run`` already scored (its results file and report) as a draw.
+draw and the spread (min, median, max) per model. ``--variant V`` keeps the draws of a
+calibration variant (``--calibrate-args``) apart: ``seeds-V.jsonl``. ``add`` records a default
+calibration that ``benchmarks.evaluate run`` already scored (its results file and report,
+``--scored-variant``) as a draw.
 """
 
 from __future__ import annotations
@@ -119,6 +121,10 @@ def record_from_results(name: str, cache_dir: Path, variant: str) -> dict[str, A
     }
 
 
+def draws_path(cache_dir: Path, name: str, variant: str = "") -> Path:
+    return cache_dir / "eval" / name / (f"seeds-{variant}.jsonl" if variant else "seeds.jsonl")
+
+
 def read_draws(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
@@ -130,7 +136,7 @@ def spread(values: list[float]) -> str:
     return f"{v.min():.2f} / {np.median(v):.2f} / {v.max():.2f}"
 
 
-def table(names: list[str], cache_dir: Path) -> str:
+def table(names: list[str], cache_dir: Path, variant: str = "") -> str:
     """Markdown: one row per draw (by seed, then device), then the spread per model."""
     lines = [
         "| model | seed | device | iterations "
@@ -141,12 +147,13 @@ def table(names: list[str], cache_dir: Path) -> str:
     ]
     summaries = []
     for name in names:
+        path = draws_path(cache_dir, name, variant)
         draws = sorted(
-            read_draws(cache_dir / "eval" / name / "seeds.jsonl"),
+            read_draws(path),
             key=lambda d: (d["seed"], str(d.get("device"))),
         )
         if not draws:
-            summaries.append(f"- {name}: no draws in {cache_dir / 'eval' / name / 'seeds.jsonl'}")
+            summaries.append(f"- {name}: no draws in {path}")
             continue
         for d in draws:
             p, dis, alone = d["served"]["p"], d["served"]["p_dis"], d["learned_alone"]["p"]
@@ -194,7 +201,7 @@ def run(name: str, seeds: list[int], args: argparse.Namespace) -> None:
     out = args.cache_dir / "eval" / name
     extra = shlex.split(args.calibrate_args)
     for seed in seeds:
-        art_dir = out / "seeds" / f"seed{seed}"
+        art_dir = out / (f"seeds-{args.variant}" if args.variant else "seeds") / f"seed{seed}"
         flags = ["--seed", str(seed), "--device", args.device, *extra]
         print(f"{name}: calibrating, seed {seed} ...", file=sys.stderr, flush=True)
         t = time.perf_counter()
@@ -202,7 +209,7 @@ def run(name: str, seeds: list[int], args: argparse.Namespace) -> None:
         record = draw_record(name, art_dir, data, idx)
         record["calibrate_seconds"] = round(time.perf_counter() - t, 1)
         record["calibrate_args"] = args.calibrate_args
-        with (out / "seeds.jsonl").open("a") as f:
+        with draws_path(args.cache_dir, name, args.variant).open("a") as f:
             f.write(json.dumps(record) + "\n")
         p = record["served"]["p"]
         print(
@@ -221,25 +228,27 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--seeds", required=True, help="e.g. 1-3 or 0,4,7")
     r.add_argument("--device", default="cpu", help="mmguard calibrate --device (default cpu)")
     r.add_argument("--calibrate-args", default="", help="extra mmguard calibrate flags")
+    r.add_argument("--variant", default="", help="keep these draws apart (with --calibrate-args)")
     r.add_argument("--threads", type=int, default=THREADS[0], help="torch and onnxruntime")
     r.add_argument(
         "--data", type=Path, default=REPO_ROOT.parent / "shared" / "data" / "cifar10_jpg.tar.xz"
     )
     a = sub.add_parser("add", help="record a benchmarks.evaluate calibration as a draw")
     a.add_argument("names", nargs="+", type=model_name)
-    a.add_argument("--variant", default="", help="the scored calibration variant")
+    a.add_argument("--scored-variant", default="", help="benchmarks.evaluate run's --variant")
     t = sub.add_parser("table", help="print every draw and the spread per model")
     t.add_argument("names", nargs="+", type=model_name)
+    t.add_argument("--variant", default="", help="the draws of this variant")
     for p in (r, a, t):
         p.add_argument("--cache-dir", type=Path, default=REPO_ROOT / ".cache" / "bench")
     args = parser.parse_args(argv)
     if args.cmd == "table":
-        print(table(args.names, args.cache_dir))
+        print(table(args.names, args.cache_dir, args.variant))
         return 0
     if args.cmd == "add":
         for name in args.names:
-            path = args.cache_dir / "eval" / name / "seeds.jsonl"
-            record = record_from_results(name, args.cache_dir, args.variant)
+            path = draws_path(args.cache_dir, name)
+            record = record_from_results(name, args.cache_dir, args.scored_variant)
             if any(d.get("source") == record["source"] for d in read_draws(path)):
                 print(f"{name}: {record['source']} is already a draw", file=sys.stderr)
                 continue
@@ -251,13 +260,17 @@ def main(argv: list[str] | None = None) -> int:
         seeds = parse_seeds(args.seeds)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.variant and not re.fullmatch(r"[A-Za-z0-9_.]+", args.variant):
+        parser.error(f"--variant {args.variant!r}: use letters, digits, '_' and '.' only")
+    if args.calibrate_args and not args.variant:
+        parser.error("--calibrate-args needs --variant, so that its draws stay apart")
     import torch
 
     THREADS[0] = max(args.threads, 1)
     torch.set_num_threads(THREADS[0])
     for name in args.names:
         run(name, seeds, args)
-    print(table(args.names, args.cache_dir))
+    print(table(args.names, args.cache_dir, args.variant))
     return 0
 
 

@@ -65,7 +65,8 @@ def test_add_records_a_scored_calibration_once_and_table_gives_the_spread(
     assert record["learned_alone"]["p"]["asr"] == 0.5
     assert record["mmbd"] == {"suspected": True, "target": 5, "p_value": 1e-4}
     for variant in ("a", "b", "c", "a"):  # "a" a second time is not a second draw
-        assert main(["add", "wanet", "--variant", variant, "--cache-dir", str(tmp_path)]) == 0
+        argv = ["add", "wanet", "--scored-variant", variant, "--cache-dir", str(tmp_path)]
+        assert main(argv) == 0
     assert "already a draw" in capsys.readouterr().err
     draws = read_draws(tmp_path / "eval" / "wanet" / "seeds.jsonl")
     assert [d["seed"] for d in draws] == [0, 1, 2]
@@ -87,7 +88,27 @@ def test_add_refuses_a_calibration_scored_without_the_range_detector(tmp_path: P
         record_from_results("wanet", tmp_path, "old")
 
 
-def test_run_names_a_bad_seed_list(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--seeds", "5-2"], "runs backwards"),
+        (["--seeds", "1", "--calibrate-args", "--seed 3"], "needs --variant"),
+        (["--seeds", "1", "--variant", "a/b"], "letters, digits"),
+    ],
+)
+def test_run_names_bad_arguments(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit):
-        main(["run", "wanet", "--seeds", "5-2"])
-    assert "runs backwards" in capsys.readouterr().err
+        main(["run", "wanet", *argv])
+    assert says in capsys.readouterr().err
+
+
+def test_a_variants_draws_are_kept_apart(tmp_path: Path) -> None:
+    from benchmarks.seeds import draws_path
+
+    assert draws_path(tmp_path, "wanet") == tmp_path / "eval" / "wanet" / "seeds.jsonl"
+    assert draws_path(tmp_path, "wanet", "j100").name == "seeds-j100.jsonl"
+    _scored(tmp_path, "wanet", "a", 0, 0.01, 0.005)
+    main(["add", "wanet", "--scored-variant", "a", "--cache-dir", str(tmp_path)])
+    assert "- wanet: no draws" in table(["wanet"], tmp_path, "j100")
