@@ -28,6 +28,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import dataclasses
 import json
 import re
 import shlex
@@ -64,23 +65,29 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def report_facts(report: dict[str, Any]) -> dict[str, Any]:
+    """What a calibration's report says of it: seed, device, iterations, MM-BD, held-out."""
+    mmbd = report.get("mmbd", {})
+    return {
+        "seed": report["split"]["seed"],
+        "device": report.get("device", "cpu"),  # reports from before --device ran on the CPU
+        "iterations": report["iterations"],
+        "timing_s": report.get("timing_s"),
+        "mmbd": {k: mmbd[k] for k in ("suspected", "target", "p_value") if k in mmbd},
+        "heldout": report["heldout"],
+        "range_detector": report.get("range_detector") is not None,
+    }
+
+
 def draw_record(
     name: str, art_dir: Path, data: dict[str, np.ndarray], idx: tuple[np.ndarray, ...]
 ) -> dict[str, Any]:
     """One calibration's figures: the report's facts and the guard's, served and learned alone."""
     s = guard_logits(name, art_dir, data, idx)
     alpha = s.art.rule.alpha
-    report = json.loads((art_dir / "report.json").read_text())
-    mmbd = report.get("mmbd", {})
     return {
         "model": name,
-        "seed": report["split"]["seed"],
-        "device": report.get("device"),
-        "iterations": report["iterations"],
-        "timing_s": report.get("timing_s"),
-        "mmbd": {k: mmbd[k] for k in ("suspected", "target", "p_value") if k in mmbd},
-        "heldout": report["heldout"],
-        "range_detector": report.get("range_detector") is not None,
+        **report_facts(json.loads((art_dir / "report.json").read_text())),
         "undefended_clean_accuracy": float(np.mean(s.g.argmax(1) == s.y)),
         "undefended_asr": float(np.mean(s.tg.argmax(1) == s.attacker)),
         "learned_alone": guard_figures(
@@ -92,31 +99,43 @@ def draw_record(
     }
 
 
+def non_default(calibrate_args: str) -> list[str]:
+    """The configuration fields ``mmguard calibrate CALIBRATE_ARGS`` sets away from its
+    defaults, other than the seed (and the range detector required, which the default turns
+    on wherever it fits)."""
+    from benchmarks.calibrating import calibration_config
+
+    default = dataclasses.asdict(calibration_config([]))
+    given = dataclasses.asdict(calibration_config(shlex.split(calibrate_args)))
+    given["seed"] = default["seed"]
+    if given["range_detector"]:
+        given["range_detector"] = default["range_detector"]
+    return sorted(k for k in default if given[k] != default[k])
+
+
 def record_from_results(name: str, cache_dir: Path, variant: str) -> dict[str, Any]:
     """A draw from a ``benchmarks.evaluate run`` of NAME (``--variant``): the same figures, as
-    that command scored them (its STRIP part left out)."""
+    that command scored them (its STRIP part left out). Only a default calibration (with any
+    seed) is a draw."""
     suffix = f"-{variant}" if variant else ""
     out = cache_dir / "eval" / name
     results = json.loads((out / f"results{suffix}.json").read_text())
     report = json.loads((out / f"artifact{suffix}" / "report.json").read_text())
+    calibrate_args = results.get("variant", {}).get("calibrate_args", "")
+    changed = non_default(calibrate_args)
+    if changed:
+        raise SystemExit(f"{name}{suffix}: not a default calibration ({', '.join(changed)})")
     if "learned_statistic_alone" not in results:
         raise SystemExit(f"{name}{suffix}: scored without the range detector; not a default draw")
-    mmbd = report.get("mmbd", {})
     return {
         "model": name,
-        "seed": report["split"]["seed"],
-        "device": report.get("device", "cpu"),
-        "iterations": report["iterations"],
-        "timing_s": report.get("timing_s"),
-        "mmbd": {k: mmbd[k] for k in ("suspected", "target", "p_value") if k in mmbd},
-        "heldout": report["heldout"],
-        "range_detector": report.get("range_detector") is not None,
+        **report_facts(report),
         "undefended_clean_accuracy": results["undefended_clean_accuracy"],
         "undefended_asr": results["undefended_asr"],
         "learned_alone": {k: results["learned_statistic_alone"][k] for k in ("p", "p_dis")},
         "served": {"p": results["p"], "p_dis": results["p_dis"]},
         "calibrate_seconds": results.get("calibrate_seconds"),
-        "calibrate_args": results.get("variant", {}).get("calibrate_args", ""),
+        "calibrate_args": calibrate_args,
         "source": f"benchmarks.evaluate run {name}" + (f" --variant {variant}" if variant else ""),
     }
 

@@ -78,6 +78,20 @@ def test_add_records_a_scored_calibration_once_and_table_gives_the_spread(
     assert "- other: no draws" in text
 
 
+def test_add_refuses_a_calibration_with_other_settings(tmp_path: Path) -> None:
+    _scored(tmp_path, "wanet", "ceiling", 0, 0.2, 0.005)
+    path = tmp_path / "eval" / "wanet" / "results-ceiling.json"
+    results = json.loads(path.read_text())
+    results["variant"]["calibrate_args"] = "--range-detector --bound-ceiling max --seed 4"
+    path.write_text(json.dumps(results))
+    with pytest.raises(SystemExit, match=r"not a default calibration \(bound_ceiling\)"):
+        record_from_results("wanet", tmp_path, "ceiling")
+    # the seed and a required range detector leave it a default calibration
+    results["variant"]["calibrate_args"] = "--range-detector --seed 4"
+    path.write_text(json.dumps(results))
+    assert record_from_results("wanet", tmp_path, "ceiling")["calibrate_args"].endswith("4")
+
+
 def test_add_refuses_a_calibration_scored_without_the_range_detector(tmp_path: Path) -> None:
     _scored(tmp_path, "wanet", "old", 0, 0.2, 0.005)
     path = tmp_path / "eval" / "wanet" / "results-old.json"
