@@ -119,8 +119,12 @@ def record_from_results(name: str, cache_dir: Path, variant: str) -> dict[str, A
     seed) is a draw."""
     suffix = f"-{variant}" if variant else ""
     out = cache_dir / "eval" / name
-    results = json.loads((out / f"results{suffix}.json").read_text())
-    report = json.loads((out / f"artifact{suffix}" / "report.json").read_text())
+    results_path, report_path = out / f"results{suffix}.json", out / f"artifact{suffix}/report.json"
+    for path in (results_path, report_path):
+        if not path.exists():
+            raise SystemExit(f"{name}{suffix}: no {path}; score it with benchmarks.evaluate run")
+    results = json.loads(results_path.read_text())
+    report = json.loads(report_path.read_text())
     calibrate_args = results.get("variant", {}).get("calibrate_args", "")
     changed = non_default(calibrate_args)
     if changed:

@@ -78,6 +78,11 @@ def test_add_records_a_scored_calibration_once_and_table_gives_the_spread(
     assert "- other: no draws" in text
 
 
+def test_add_names_a_missing_results_file(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="no .*results-gone.json"):
+        record_from_results("wanet", tmp_path, "gone")
+
+
 def test_add_refuses_a_calibration_with_other_settings(tmp_path: Path) -> None:
     _scored(tmp_path, "wanet", "ceiling", 0, 0.2, 0.005)
     path = tmp_path / "eval" / "wanet" / "results-ceiling.json"
