@@ -79,7 +79,7 @@ def test_add_records_a_scored_calibration_once_and_table_gives_the_spread(
 
 
 def test_add_names_a_missing_results_file(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match="no .*results-gone.json"):
+    with pytest.raises(SystemExit, match=r"no .*results-gone\.json"):
         record_from_results("wanet", tmp_path, "gone")
 
 
