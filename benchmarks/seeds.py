@@ -229,8 +229,9 @@ def run(name: str, seeds: list[int], args: argparse.Namespace) -> None:
         print(f"{name}: calibrating, seed {seed} ...", file=sys.stderr, flush=True)
         t = time.perf_counter()
         calibrate_cifar(weights, calib_npz, art_dir, f"cifar10-{name}", flags, factory_for(width))
+        seconds = time.perf_counter() - t
         record = draw_record(name, art_dir, data, idx)
-        record["calibrate_seconds"] = round(time.perf_counter() - t, 1)
+        record["calibrate_seconds"] = round(seconds, 1)
         record["calibrate_args"] = args.calibrate_args
         with draws_path(args.cache_dir, name, args.variant).open("a") as f:
             f.write(json.dumps(record) + "\n")
