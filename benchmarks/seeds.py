@@ -216,6 +216,18 @@ def run(name: str, seeds: list[int], args: argparse.Namespace) -> None:
     if parse_name(name)[0] in IMBALANCED:
         raise SystemExit(f"{name}: an MMOM model has no attack to score")
     width = int(json.loads(record_path.read_text()).get("width", DEFAULT_WIDTH))
+    path = draws_path(args.cache_dir, name, args.variant)
+    kind = args.device.split(":")[0]
+    drawn = {d["seed"] for d in read_draws(path) if str(d.get("device")).startswith(kind)}
+    todo = [seed for seed in seeds if seed not in drawn]
+    for seed in sorted(set(seeds) & drawn):
+        print(
+            f"{name}: seed {seed} on {kind} is already a draw in {path}; skipped "
+            "(remove its line to draw it again)",
+            file=sys.stderr,
+        )
+    if not todo:
+        return
     data = load_cifar10(args.data, args.cache_dir)
     idx = split_test(data["y_test"])
     calib_npz = args.cache_dir / "eval" / "calib.npz"
@@ -223,7 +235,7 @@ def run(name: str, seeds: list[int], args: argparse.Namespace) -> None:
         raise SystemExit(f"no {calib_npz}: `benchmarks.evaluate run` writes it")
     out = args.cache_dir / "eval" / name
     extra = shlex.split(args.calibrate_args)
-    for seed in seeds:
+    for seed in todo:
         art_dir = out / (f"seeds-{args.variant}" if args.variant else "seeds") / f"seed{seed}"
         flags = ["--seed", str(seed), "--device", args.device, *extra]
         print(f"{name}: calibrating, seed {seed} ...", file=sys.stderr, flush=True)
@@ -233,7 +245,7 @@ def run(name: str, seeds: list[int], args: argparse.Namespace) -> None:
         record = draw_record(name, art_dir, data, idx)
         record["calibrate_seconds"] = round(seconds, 1)
         record["calibrate_args"] = args.calibrate_args
-        with draws_path(args.cache_dir, name, args.variant).open("a") as f:
+        with path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         p = record["served"]["p"]
         print(
@@ -288,6 +300,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--variant {args.variant!r}: use letters, digits, '_' and '.' only")
     if args.calibrate_args and not args.variant:
         parser.error("--calibrate-args needs --variant, so that its draws stay apart")
+    if args.device == "auto":
+        parser.error("--device auto: name the device (cpu, cuda, cuda:N), as each draw records it")
+    taken = {"--seed", "--device"} & {f.split("=")[0] for f in shlex.split(args.calibrate_args)}
+    if taken:
+        parser.error(f"--calibrate-args: {', '.join(sorted(taken))} is this command's own option")
     import torch
 
     THREADS[0] = max(args.threads, 1)

@@ -113,6 +113,8 @@ def test_add_refuses_a_calibration_scored_without_the_range_detector(tmp_path: P
         (["--seeds", "5-2"], "runs backwards"),
         (["--seeds", "1", "--calibrate-args", "--seed 3"], "needs --variant"),
         (["--seeds", "1", "--variant", "a/b"], "letters, digits"),
+        (["--seeds", "1", "--variant", "v", "--calibrate-args=--seed=3"], "own option"),
+        (["--seeds", "1", "--device", "auto"], "name the device"),
     ],
 )
 def test_run_names_bad_arguments(
@@ -131,3 +133,20 @@ def test_a_variants_draws_are_kept_apart(tmp_path: Path) -> None:
     _scored(tmp_path, "wanet", "a", 0, 0.01, 0.005)
     main(["add", "wanet", "--scored-variant", "a", "--cache-dir", str(tmp_path)])
     assert "- wanet: no draws" in table(["wanet"], tmp_path, "j100")
+
+
+def test_run_skips_a_seed_already_drawn_on_that_kind_of_device(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A CPU calibration of a seed is deterministic: drawing it again adds no information."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "wanet.pt").write_bytes(b"")
+    (tmp_path / "models" / "wanet.json").write_text("{}")
+    _scored(tmp_path, "wanet", "a", 0, 0.01, 0.005)
+    main(["add", "wanet", "--scored-variant", "a", "--cache-dir", str(tmp_path)])
+    capsys.readouterr()
+    # seed 0 is recorded (on the CPU): nothing is left to draw, so no data is read
+    argv = ["run", "wanet", "--seeds", "0", "--cache-dir", str(tmp_path), "--data", "/nonexistent"]
+    assert main(argv) == 0
+    assert "seed 0 on cpu is already a draw" in capsys.readouterr().err
+    assert len(read_draws(tmp_path / "eval" / "wanet" / "seeds.jsonl")) == 1
