@@ -85,6 +85,13 @@ def split_test(y: np.ndarray, seed: int = 1) -> tuple[np.ndarray, np.ndarray, np
     return np.sort(calib), np.sort(strip), evaluation
 
 
+def variant_problem(variant: str) -> str | None:
+    """Why ``--variant`` cannot name files (None if it can: empty, or letters, digits, _ and .)."""
+    if variant and not re.fullmatch(r"[A-Za-z0-9_.]+", variant):
+        return f"--variant {variant!r}: use letters, digits, '_' and '.' only"
+    return None
+
+
 def to_float(x_uint8_nhwc: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x_uint8_nhwc.transpose(0, 3, 1, 2), dtype=np.float32) / 255.0
 
@@ -763,8 +770,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.artifact is not None and len(args.names) != 1:
         parser.error("--artifact scores one model: name exactly one")
-    if args.variant and not re.fullmatch(r"[A-Za-z0-9_.]+", args.variant):
-        parser.error(f"--variant {args.variant!r}: use letters, digits, '_' and '.' only")
+    if variant_problem(args.variant):
+        parser.error(variant_problem(args.variant))
     if args.artifact is not None and not args.variant:
         parser.error("--artifact needs --variant, so that its results do not replace the default's")
     if args.calibrate_args and not args.variant:

@@ -33,7 +33,6 @@ import json
 import re
 import shlex
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +41,11 @@ import numpy as np
 from benchmarks.evaluate import (
     REPO_ROOT,
     THREADS,
+    calibrate,
     guard_figures,
     guard_logits,
     split_test,
+    variant_problem,
 )
 from benchmarks.train_models import IMBALANCED, model_name, model_paths, parse_name
 
@@ -206,7 +207,6 @@ def table(names: list[str], cache_dir: Path, variant: str = "") -> str:
 
 
 def run(name: str, seeds: list[int], args: argparse.Namespace) -> None:
-    from benchmarks.calibrating import calibrate_cifar, factory_for
     from benchmarks.cifar import load_cifar10
     from calibrate.cifar_resnet import DEFAULT_WIDTH
 
@@ -228,20 +228,18 @@ def run(name: str, seeds: list[int], args: argparse.Namespace) -> None:
         )
     if not todo:
         return
-    data = load_cifar10(args.data, args.cache_dir)
-    idx = split_test(data["y_test"])
     calib_npz = args.cache_dir / "eval" / "calib.npz"
     if not calib_npz.exists():
         raise SystemExit(f"no {calib_npz}: `benchmarks.evaluate run` writes it")
+    data = load_cifar10(args.data, args.cache_dir)
+    idx = split_test(data["y_test"])
     out = args.cache_dir / "eval" / name
     extra = shlex.split(args.calibrate_args)
     for seed in todo:
         art_dir = out / (f"seeds-{args.variant}" if args.variant else "seeds") / f"seed{seed}"
         flags = ["--seed", str(seed), "--device", args.device, *extra]
         print(f"{name}: calibrating, seed {seed} ...", file=sys.stderr, flush=True)
-        t = time.perf_counter()
-        calibrate_cifar(weights, calib_npz, art_dir, f"cifar10-{name}", flags, factory_for(width))
-        seconds = time.perf_counter() - t
+        seconds = calibrate(weights, calib_npz, art_dir, name, "mmac", flags, width)
         record = draw_record(name, art_dir, data, idx)
         record["calibrate_seconds"] = round(seconds, 1)
         record["calibrate_args"] = args.calibrate_args
@@ -296,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         seeds = parse_seeds(args.seeds)
     except ValueError as exc:
         parser.error(str(exc))
-    if args.variant and not re.fullmatch(r"[A-Za-z0-9_.]+", args.variant):
-        parser.error(f"--variant {args.variant!r}: use letters, digits, '_' and '.' only")
+    if variant_problem(args.variant):
+        parser.error(variant_problem(args.variant))
     if args.calibrate_args and not args.variant:
         parser.error("--calibrate-args needs --variant, so that its draws stay apart")
     if args.device == "auto":
