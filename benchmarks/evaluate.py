@@ -401,11 +401,20 @@ def range_figures(s: GuardLogits, ranged: tuple[Any, np.ndarray, np.ndarray]) ->
         extra_detectors(None, ranged),
     )  # fmt: skip
 
+    # Served beside the learned statistic, the range statistic is tested at alpha / 2
+    # (Bonferroni over two). An input it flags is labelled some class other than the original
+    # decision, so a triggered input can reach the attacker's class only if the range detector
+    # misses it while the original decision is the attacker's, or if the original decision is
+    # not (the attack failed on it) and a flag corrects it into the attacker's class: whatever
+    # learned bounds a calibration draws, guarded ASR is at most the sum of those two shares.
+    reaches = s.tg.argmax(1) == s.attacker
+    missed = p_values(null, r_trig) >= s.art.rule.alpha / 2
     alone = {
         "fpr": float(np.mean(p_values(null, r_clean) < s.art.rule.alpha)),
         "tpr": float(np.mean(p_values(null, r_trig) < s.art.rule.alpha)),
         "auroc_full": auroc(r_clean, r_trig),
         "matched": {"tpr": tpr, "fpr": fpr},
+        "asr_bound_any_bounds": float(np.mean(missed & reaches) + np.mean(~reaches)),
     }
     return {"range_null": null.kind, "range_alone": alone, "learned_and_range": learned_and_range}
 

@@ -28,9 +28,9 @@ from benchmarks.evaluate import REPO_ROOT, guard_figures, guard_logits, split_te
 from benchmarks.train_models import model_name, model_paths, parse_name
 
 
-def range_parts(name: str, cache_dir: Path, art: Any) -> tuple[Any, Any]:
-    """The range network and its fitted null, as `mmguard calibrate --range-detector` builds
-    them for this model and calibration set."""
+def range_parts(name: str, cache_dir: Path, art: Any, scales: str = "class") -> tuple[Any, Any]:
+    """The range network and its fitted null, as `mmguard calibrate --range-detector
+    --range-scales SCALES` builds them for this model and calibration set."""
     import torch
 
     from benchmarks.calibrating import factory_for
@@ -42,7 +42,7 @@ def range_parts(name: str, cache_dir: Path, art: Any) -> tuple[Any, Any]:
     from calibrate.modelsrc import ModelSource, load_model
     from calibrate.pipeline import _learning_set, fit_range_detector
 
-    cfg = CalibrationConfig(range_detector=True)
+    cfg = CalibrationConfig(range_detector=True, range_scales=scales)
     weights = model_paths(cache_dir, name)[0]
     factory = factory_for(parse_name(name).width or DEFAULT_WIDTH)
     clean = load_clean_set(cache_dir / "eval" / "calib.npz")
@@ -63,15 +63,23 @@ def range_parts(name: str, cache_dir: Path, art: Any) -> tuple[Any, Any]:
     return ranged.network, ranged.null
 
 
-def run(name: str, variant: str, cache_dir: Path, data: dict[str, np.ndarray]) -> dict:
+def run(
+    name: str, variant: str, cache_dir: Path, data: dict[str, np.ndarray], scales: list[str]
+) -> list[dict]:
+    """Per entry of `scales`, the range detector fitted that way beside the artifact's learned
+    bounds, each scored on the same guard logits; one results file per scales."""
+    art_dir = cache_dir / "eval" / name / ("artifact" if not variant else f"artifact-{variant}")
+    s = guard_logits(name, art_dir, data, split_test(data["y_test"]))
+    return [score(name, variant, cache_dir, art_dir, s, how) for how in scales]
+
+
+def score(name: str, variant: str, cache_dir: Path, art_dir: Path, s: Any, scales: str) -> dict:
     import torch
 
     from benchmarks.evaluate import range_figures
 
-    art_dir = cache_dir / "eval" / name / ("artifact" if not variant else f"artifact-{variant}")
-    s = guard_logits(name, art_dir, data, split_test(data["y_test"]))
     t = time.perf_counter()
-    ranged, null = range_parts(name, cache_dir, s.art)
+    ranged, null = range_parts(name, cache_dir, s.art, scales)
 
     def ratios(x: np.ndarray) -> np.ndarray:
         return np.asarray(ranged.ratios(torch.from_numpy(to_float(x)), 250).numpy())
@@ -80,6 +88,7 @@ def run(name: str, variant: str, cache_dir: Path, data: dict[str, np.ndarray]) -
     res = {
         "model": name,
         "artifact": str(art_dir.relative_to(cache_dir)),
+        "range_scales": scales,
         "eval_clean": len(s.y),
         "eval_triggered": len(s.ty),
         "undefended_clean_accuracy": float(np.mean(s.g.argmax(1) == s.y)),
@@ -91,7 +100,9 @@ def run(name: str, variant: str, cache_dir: Path, data: dict[str, np.ndarray]) -
         "range_null": null.to_dict() | {"samples": None},
         "seconds": round(time.perf_counter() - t, 1),
     }
-    out = cache_dir / "eval" / name / f"range-offline-{variant or 'default'}.json"
+    # the files without a suffix hold the scales over all classes (the only kind before stop 25)
+    suffix = "" if scales == "global" else f"-{scales}"
+    out = cache_dir / "eval" / name / f"range-offline-{variant or 'default'}{suffix}.json"
     out.write_text(json.dumps(res, indent=2))
     return res
 
@@ -101,6 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="+", type=model_name)
     parser.add_argument("--variant", default="", help="the scored artifact's variant")
     parser.add_argument(
+        "--range-scales",
+        nargs="+",
+        choices=["class", "global"],
+        default=["class"],
+        help="fit the range detector with each of these (`mmguard calibrate --range-scales`), "
+        "side by side on the same guard logits",
+    )
+    parser.add_argument(
         "--data", type=Path, default=REPO_ROOT.parent / "shared" / "data" / "cifar10_jpg.tar.xz"
     )
     parser.add_argument("--cache-dir", type=Path, default=REPO_ROOT / ".cache" / "bench")
@@ -109,15 +128,19 @@ def main(argv: list[str] | None = None) -> int:
 
     data = load_cifar10(args.data, args.cache_dir)
     for name in args.names:
-        r = run(name, args.variant, args.cache_dir, data)
-        two, both = r["learned_statistic_alone"]["p"], r["learned_and_range"]["p"]
-        auc = r["range_alone"]["auroc_full"]
-        print(
-            f"{name}: guarded ASR {two['asr']:.2%} -> {both['asr']:.2%}, clean FPR "
-            f"{two['fpr']:.2%} -> {both['fpr']:.2%}, guarded clean acc "
-            f"{two['clean_accuracy']:.2%} -> {both['clean_accuracy']:.2%}; range alone AUROC "
-            f"{auc:.4f}"
-        )
+        for r in run(name, args.variant, args.cache_dir, data, args.range_scales):
+            two, both = r["learned_statistic_alone"]["p"], r["learned_and_range"]["p"]
+            alone = r["range_alone"]
+            print(
+                f"{name} ({r['range_scales']} scales): guarded ASR {two['asr']:.2%} -> "
+                f"{both['asr']:.2%}, clean FPR {two['fpr']:.2%} -> {both['fpr']:.2%}, guarded "
+                f"clean acc {two['clean_accuracy']:.2%} -> {both['clean_accuracy']:.2%}; range "
+                f"alone AUROC {alone['auroc_full']:.4f}, TPR {alone['tpr']:.2%} at FPR "
+                f"{alone['fpr']:.2%}, {alone['matched']['tpr']:.2%} at a matched "
+                f"{alone['matched']['fpr']:.2%}; guarded ASR at most "
+                f"{alone['asr_bound_any_bounds']:.2%} whatever the learned bounds",
+                flush=True,
+            )
     return 0
 
 

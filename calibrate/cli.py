@@ -14,6 +14,7 @@ from typing import Any
 
 from calibrate.config import (
     DETECT_SCHEDULE,
+    RANGE_SCALES,
     REFERENCE_SCHEDULE,
     CalibrationConfig,
     ScheduleConfig,
@@ -176,6 +177,14 @@ def _add_method_flags(p: argparse.ArgumentParser) -> None:
         default=d.range_null,
         help="the range detector's null (default: %(default)s)",
     )
+    m.add_argument(
+        "--range-scales",
+        choices=list(RANGE_SCALES),
+        default=d.range_scales,
+        help="the range detector measures an input's activations against the clean scales of "
+        "the class the network predicts for it (class) or of all clean images (global) "
+        "(default: %(default)s)",
+    )
     m.add_argument("--alpha", type=float, default=d.alpha, help="flag when p < alpha")
     m.add_argument("--flag-on-disagreement", action="store_true")
     m.add_argument("--mmbd-starts", type=int, default=d.mmbd_starts)
@@ -213,6 +222,7 @@ def config_from_args(args: argparse.Namespace) -> CalibrationConfig:
         start_null=args.start_null,
         range_detector=args.range_detector,
         range_null=args.range_null,
+        range_scales=args.range_scales,
         alpha=args.alpha,
         flag_on_disagreement=args.flag_on_disagreement,
         mmbd_starts=args.mmbd_starts,

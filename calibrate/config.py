@@ -15,6 +15,7 @@ from guard.mmdf import NULL_KINDS, NullKind, gpd_min_samples
 
 Objective = Literal["mmac", "mmom"]
 MaximaSource = Literal["bounded", "original"]
+RANGE_SCALES = ("class", "global")
 
 
 def _check(ok: bool, name: str, value: object) -> None:
@@ -200,6 +201,11 @@ class CalibrationConfig:
     # its null: a body near 1 and a right tail, like the start statistic's; a `gpd` tail's shape
     # is held at 0 or above (guard.mmdf.RANGE_GPD_MIN_SHAPE)
     range_null: NullKind = "gpd"
+    # whose clean scales an input's activations are measured against: `class`, those of the
+    # clean images of the class the network predicts for it (each channel's scale at least
+    # half its scale over all classes: calibrate.rangeprobe.CLASS_FLOOR), or `global`, those
+    # of all clean images (the default until stop 25)
+    range_scales: str = "class"
     # MMDF flags inputs with p < alpha
     alpha: float = 0.005
     # also flag when the original and bounded decisions differ
@@ -230,6 +236,7 @@ class CalibrationConfig:
         _check(self.null in NULL_KINDS, "null", self.null)
         _check(self.start_null in NULL_KINDS, "start_null", self.start_null)
         _check(self.range_null in NULL_KINDS, "range_null", self.range_null)
+        _check(self.range_scales in RANGE_SCALES, "range_scales", self.range_scales)
         if self.start_detector and self.objective != "mmac":
             raise CalibrationError("a start detector is for objective 'mmac', not 'mmom'")
         _check(0 < self.alpha < 1, "alpha", self.alpha)

@@ -29,10 +29,13 @@ from calibrate.mmbd import verdict
 from calibrate.modelsrc import ModelSource, count_output_classes, load_model
 from calibrate.progress import Progress
 from calibrate.rangeprobe import (
+    CLASS_FLOOR,
+    MIN_CLASS_IMAGES,
     RANGE_FLOOR,
     RATIO_OUTPUT,
     RangeNetwork,
     clean_scales,
+    inverse_tables,
     leave_one_out_ratios,
     per_image_maxima,
     ratio_denominators,
@@ -382,6 +385,9 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
                 "scale_rank": scale_rank(ranged.n_inside),
                 "output": RATIO_OUTPUT,
                 "floor": RANGE_FLOOR,
+                "scales": cfg.range_scales,
+                "classes_with_own_scales": ranged.classes_with_own_scales,
+                "class_floor": CLASS_FLOOR,
                 "sites": _range_summary(net, ranged.scales, ranged.heldout_ratios),
             }
         manifest = _manifest_fields(job, clean, cfg, null, null_info, report, diffs)
@@ -401,8 +407,18 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
                 "statistic": "max over bound sites of max_c(activation_c / clean scale_c); "
                 f"clean scale_c: the {scale_rank(ranged.n_inside)}-th largest per-image maximum "
                 f"over the {ranged.n_inside} correctly classified learning and held-out images, "
-                f"at least {RANGE_FLOOR} x its site's median; null fitted on every clean "
-                "image's ratios against the others' scales (leave one out)",
+                f"at least {RANGE_FLOOR} x its site's median"
+                + (
+                    "; per predicted class (argmax of the logits): over that class's images "
+                    f"(k-th largest, k = ceil(n / 100)), at least {CLASS_FLOOR} x the scale "
+                    f"over all classes ({len(ranged.classes_with_own_scales)} classes with "
+                    "their own)"
+                    if cfg.range_scales == "class"
+                    else ""
+                )
+                + "; null fitted on every clean image's ratios against the others' scales "
+                "(leave one out)",
+                "scales": cfg.range_scales,
                 "combination": "Bonferroni: p = min(1, m min_i p_i) over the m statistics",
             }
         manifest["onnx"]["bound_folding"] = fold_stats
@@ -449,6 +465,7 @@ class RangeFit:
     n_learning: int
     n_inside: int
     null: Any
+    classes_with_own_scales: list[int]
 
     @property
     def heldout_ratios(self) -> np.ndarray:
@@ -467,20 +484,27 @@ def fit_range_detector(
     holds now) over the clean images, learning and held-out, that it classifies correctly
     (read off the same forward passes): a misclassified clean image is one the network does not
     handle as it handles its class, and one such outlier among them can hide a trigger's
-    channels. Every clean image
+    channels. With `range_scales` "class" (the default) an image is measured against the
+    scales of the class the network predicts for it (`inverse_tables`). Every clean image
     then gets its ratios against those scales, without its own (leave one out), and the null
     (`gpd` tail shape at 0 or above) is fitted on all of them, misclassified ones included, as
     clean traffic has them."""
     images = torch.from_numpy(np.concatenate([learn.images, held.images]))
     per_image, logits = per_image_maxima(net, images, cfg.batch_size)
-    inside = logits.argmax(1).numpy() == np.concatenate([learn.labels, held.labels])
+    predicted = logits.argmax(1).numpy()
+    inside = predicted == np.concatenate([learn.labels, held.labels])
     scales = clean_scales(per_image, inside)
-    ratios = leave_one_out_ratios(per_image, inside)
+    classes = predicted if cfg.range_scales == "class" else None
+    k = int(logits.shape[1])
+    tables = inverse_tables(per_image, inside, classes, k)
+    ratios = leave_one_out_ratios(per_image, inside, classes)
     stats = range_statistic(ratios)
     null = _fit(stats, cfg.range_null, "range detector's ", RANGE_GPD_MIN_SHAPE)
-    network = RangeNetwork(net, scales)
+    network = RangeNetwork(net, tables)
     n_learning, n_inside = int(learn.labels.size), int(inside.sum())
-    return RangeFit(network, scales, ratios, stats, n_learning, n_inside, null)
+    own = [c for c in range(k) if (inside & (predicted == c)).sum() >= MIN_CLASS_IMAGES]
+    by_class = own if classes is not None else []
+    return RangeFit(network, scales, ratios, stats, n_learning, n_inside, null, by_class)
 
 
 def _range_summary(

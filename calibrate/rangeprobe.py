@@ -1,6 +1,9 @@
 """The range detector's network: the original network with one more output, per bound site the
 largest activation relative to its channel's clean scale (`clean_scales`: about the 99th
-percentile of the channel's per-image maxima over the correctly classified clean images).
+percentile of the channel's per-image maxima over the correctly classified clean images). By
+default the scales are those of the class the network predicts (`--range-scales class`): a
+backdoored input classified as the target carries activations that the target's own clean
+images do not reach, even where some other class's do.
 
 It is the original network (no bound is applied), traced at the same call sites as the bounded
 network, so the guard reads the ratios off the forward pass it runs anyway. The statistic over
@@ -35,6 +38,15 @@ active channels. A nearly dead channel (one clean maximum of 1e-4 against a medi
 the stem of the full-width benchmark WaNet model) would otherwise turn any small activation
 into a huge ratio. On that model, 3,000 clean and 2,919 triggered test images: one clean image
 flagged without the floor, none with it; the same triggered images flagged (0.01 to 0.25 alike)."""
+CLASS_FLOOR = 0.5
+"""With class-conditional scales (`--range-scales class`, the default), an image predicted as
+class c is measured against each channel's clean scale over the class-c images, but never
+against less than this fraction of the channel's scale over all classes: a channel a class
+barely uses would otherwise turn an ordinary activation into a huge ratio and give the clean
+statistic a heavy tail."""
+MIN_CLASS_IMAGES = 2
+"""A class gets scales of its own from this many correctly classified clean images on; with
+fewer, its images are measured against the scales over all classes."""
 
 
 def ratio_denominators(clean_scale: torch.Tensor, floor: float = RANGE_FLOOR) -> torch.Tensor:
@@ -50,26 +62,65 @@ def ratio_denominators(clean_scale: torch.Tensor, floor: float = RANGE_FLOOR) ->
 def inverse_scales(clean_scale: torch.Tensor, floor: float = RANGE_FLOOR) -> torch.Tensor:
     """1 / `ratio_denominators`, and 0 where a channel counts 0: what an activation is
     multiplied by to give its ratio."""
-    d = ratio_denominators(clean_scale, floor)
+    return _inverse(ratio_denominators(clean_scale, floor))
+
+
+def class_denominators(
+    global_scale: torch.Tensor, class_scale: torch.Tensor, floor: float = RANGE_FLOOR
+) -> torch.Tensor:
+    """A channel's denominator for the images of one class: the class's own clean scale, but at
+    least `CLASS_FLOOR` times the channel's floored scale over all classes
+    (`ratio_denominators`); 0 where that is 0 (a channel never active on any clean image)."""
+    d = ratio_denominators(global_scale, floor)
+    return torch.where(d > 0, torch.maximum(class_scale.float(), CLASS_FLOOR * d), d)
+
+
+def _inverse(d: torch.Tensor) -> torch.Tensor:
     return torch.where(d > 0, 1.0 / d.clamp(min=1e-30), torch.zeros_like(d))
 
 
-class SiteRatio(nn.Module):
-    """[N, C, ...] activation -> [N, 1]: max over channels and positions of a / u_c, where u_c
-    is the channel's clean scale (floored: `ratio_denominators`). A channel never active on
-    the clean images (u_c = 0) counts 0: it has no clean range to leave, and the bounded network
-    already holds it at 0. Three ONNX nodes: the positions' max first, so the scaling touches
-    [N, C] values only."""
+def channel_maxima(a: torch.Tensor) -> torch.Tensor:
+    """[N, C, ...] -> [N, C]: each channel's largest value over the positions ([N, C] as is)."""
+    positions = tuple(range(2, a.dim()))
+    return a.amax(dim=positions) if positions else a
 
-    def __init__(self, clean_scale: torch.Tensor) -> None:
-        super().__init__()
-        self.inv_scale: torch.Tensor
-        self.register_buffer("inv_scale", inverse_scales(clean_scale))
+
+class ChannelMaxima(nn.Module):
+    """`channel_maxima` as a module: the graph keeps [N, C] per site, not the activation, until
+    the logits name the class whose scales the ratios use."""
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
-        positions = tuple(range(2, a.dim()))
-        per_channel = a.amax(dim=positions) if positions else a
-        return (per_channel * self.inv_scale).amax(dim=1, keepdim=True)
+        return channel_maxima(a)
+
+
+class SiteRatio(nn.Module):
+    """(activation [N, C, ...] or its channel maxima [N, C], class [N]) -> [N, 1]: the largest
+    over channels and positions of a / u, u the channel's denominator for that class
+    (`class_denominators`; one row for all classes with `--range-scales global`: the floored
+    clean scale, `ratio_denominators`). A channel never active on the clean images counts 0: it
+    has no clean range to leave, and the bounded network already holds it at 0. Built from
+    clean scales [C] (one row) or from inverse-denominator rows [R, C] (`inverse_tables`)."""
+
+    def __init__(
+        self, clean_scale: torch.Tensor | None = None, *, inverse: torch.Tensor | None = None
+    ) -> None:
+        super().__init__()
+        if (clean_scale is None) == (inverse is None):
+            raise ValueError("give SiteRatio clean scales or inverse-denominator rows, not both")
+        table = inverse_scales(clean_scale)[None] if clean_scale is not None else inverse
+        assert table is not None and table.dim() == 2
+        self.inv_scale: torch.Tensor
+        self.register_buffer("inv_scale", table.float())
+
+    def forward(self, a: torch.Tensor, cls: torch.Tensor | None = None) -> torch.Tensor:
+        per_channel = channel_maxima(a)
+        if self.inv_scale.shape[0] == 1:  # the same scales whatever the class
+            inv = self.inv_scale[0]
+        else:
+            if cls is None:
+                raise ValueError("class-conditional range ratios need the predicted class")
+            inv = self.inv_scale[cls]
+        return (per_channel * inv).amax(dim=1, keepdim=True)
 
 
 def per_image_maxima(
@@ -131,74 +182,149 @@ def clean_scales(
     return scales
 
 
+def class_scales(
+    per_image: Sequence[torch.Tensor], inside: np.ndarray, classes: np.ndarray, num_classes: int
+) -> list[list[torch.Tensor] | None]:
+    """Per class: per site [C], the clean scales (`clean_scales`) over the `inside` images of
+    that class (`classes`: each image's class as the network predicts it; inside, it is also the
+    true one), or None where fewer than `MIN_CLASS_IMAGES` of them are inside."""
+    out: list[list[torch.Tensor] | None] = []
+    for c in range(num_classes):
+        members = inside & (classes == c)
+        if members.sum() < MIN_CLASS_IMAGES:
+            out.append(None)
+        else:
+            out.append(clean_scales(per_image, members))
+    return out
+
+
+def inverse_tables(
+    per_image: Sequence[torch.Tensor],
+    inside: np.ndarray,
+    classes: np.ndarray | None = None,
+    num_classes: int = 0,
+    floor: float = RANGE_FLOOR,
+) -> list[torch.Tensor]:
+    """Per site the rows `SiteRatio` multiplies an image's channel maxima by: [1, C], the
+    inverse floored clean scales over the `inside` images (`classes` None: the same scales for
+    every class), or [num_classes, C], row c the inverse `class_denominators` of class c (the
+    scales over all classes for a class with too few images of its own)."""
+    scales = clean_scales(per_image, inside)
+    if classes is None:
+        return [inverse_scales(u, floor)[None] for u in scales]
+    own = class_scales(per_image, inside, classes, num_classes)
+    tables = []
+    for s, u in enumerate(scales):
+        rows = [
+            ratio_denominators(u, floor) if c is None else class_denominators(u, c[s], floor)
+            for c in own
+        ]
+        tables.append(_inverse(torch.stack(rows)))
+    return tables
+
+
+def _scales_without_self(a: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+    """[N, C]: per image the clean scale (`clean_scales`) of each channel over the images
+    `rows` other than itself. An image not among them sees the scale over all of them, as a new
+    image does; one among them that scale over the other len(rows) - 1 (where it is among a
+    channel's k largest, that channel's scale is the next one down). k is that of all of them."""
+    n, channels = int(a.shape[0]), int(a.shape[1])
+    k = scale_rank(int(rows.size))  # k <= len(rows) - 1 for len(rows) >= 2
+    index = torch.from_numpy(rows)
+    top = torch.topk(a[index], k + 1, dim=0)  # per channel the k + 1 largest, and whose
+    among = torch.zeros(n, channels, dtype=torch.bool)
+    among[index[top.indices[:k]], torch.arange(channels).expand(k, channels)] = True
+    kth = torch.where(among, top.values[k], top.values[k - 1])  # of the others
+    first = torch.zeros(n, channels, dtype=torch.bool)
+    first[index[top.indices[0]], torch.arange(channels)] = True
+    largest = torch.where(first, top.values[1], top.values[0])  # of the others
+    return torch.where(kth > 0, kth, largest)
+
+
 def leave_one_out_ratios(
     per_image: Sequence[torch.Tensor],
     inside: np.ndarray | None = None,
+    classes: np.ndarray | None = None,
     floor: float = RANGE_FLOOR,
 ) -> np.ndarray:
     """[N, S]: per site, each image's largest ratio as `SiteRatio` computes a new image's, with
-    the clean scales (`clean_scales`) taken over the `inside` images (default: all) OTHER than
-    itself. An image outside them is measured against all of them, as a new image is; one
-    inside against the other N_in - 1 (leave one out: where it is among a channel's k largest,
-    that channel's scale is the next one down). A new clean image's ratios are distributed as
-    one of these (exchangeability), so every clean image serves the null, none is spent on it.
-    `per_image`: per site [N, C], as `per_image_maxima` returns."""
+    the clean scales taken over the `inside` images (default: all) OTHER than itself. An image
+    outside them is measured against all of them, as a new image is; one inside against the
+    other N_in - 1. With `classes` (each image's predicted class), as `inverse_tables` builds
+    the served rows: the scales of the image's class over the others of that class, floored at
+    `CLASS_FLOOR` times those over all the others. A new clean image's ratios are distributed
+    as one of these (exchangeability), so every clean image serves the null, none is spent on
+    it. `per_image`: per site [N, C], as `per_image_maxima` returns."""
     n = int(per_image[0].shape[0]) if per_image else 0
     rows = np.arange(n) if inside is None else np.flatnonzero(inside)
     if inside is not None and len(inside) != n:
         raise CalibrationError(f"{len(inside)} inside flags for {n} images")
+    if classes is not None and len(classes) != n:
+        raise CalibrationError(f"{len(classes)} classes for {n} images")
     if rows.size < 2:
         raise CalibrationError(
             "the range detector's clean scales need at least 2 clean images the network "
             f"classifies correctly, got {rows.size}"
         )
-    k = scale_rank(int(rows.size))  # the scale over all N_in; k <= N_in - 1 for N_in >= 2
-    index = torch.from_numpy(rows)
+    is_inside = np.zeros(n, dtype=bool)
+    is_inside[rows] = True
     out = np.zeros((n, len(per_image)), dtype=np.float32)
     for s, a in enumerate(per_image):
         a = a.float()
-        channels = a.shape[1]
-        top = torch.topk(a[index], k + 1, dim=0)  # per channel the k + 1 largest, and whose
-        among = torch.zeros(n, channels, dtype=torch.bool)
-        among[index[top.indices[:k]], torch.arange(channels).expand(k, channels)] = True
-        kth = torch.where(among, top.values[k], top.values[k - 1])  # of the others
-        first = torch.zeros(n, channels, dtype=torch.bool)
-        first[index[top.indices[0]], torch.arange(channels)] = True
-        largest = torch.where(first, top.values[1], top.values[0])  # of the others
-        u = torch.where(kth > 0, kth, largest)
-        out[:, s] = (a * inverse_scales(u, floor)).amax(dim=1).numpy()
+        d = ratio_denominators(_scales_without_self(a, rows), floor)
+        if classes is not None:
+            for c in np.unique(classes):
+                members = np.flatnonzero(is_inside & (classes == c))
+                if members.size < MIN_CLASS_IMAGES:
+                    continue  # the scales over all classes, as served
+                sel = torch.from_numpy(classes == c)
+                own = _scales_without_self(a, members)[sel]
+                d[sel] = torch.where(d[sel] > 0, torch.maximum(own, CLASS_FLOOR * d[sel]), d[sel])
+        out[:, s] = (a * _inverse(d)).amax(dim=1).numpy()
     return out
 
 
 class RangeNetwork(nn.Module):
-    """The original network returning (logits [N, K], activation ratios [N, S])."""
+    """The original network returning (logits [N, K], activation ratios [N, S]). `tables`: per
+    site the rows `SiteRatio` multiplies by (`inverse_tables`: [1, C], or [K, C] looked up by
+    the predicted class, the argmax of the logits), or plain clean scales [C] per site."""
 
-    def __init__(self, net: BoundedNetwork, scales: list[torch.Tensor]) -> None:
+    def __init__(self, net: BoundedNetwork, tables: Sequence[torch.Tensor]) -> None:
         super().__init__()
-        if len(scales) != len(net.sites):
-            raise CalibrationError(f"{len(scales)} clean scales for {len(net.sites)} bound sites")
+        if len(tables) != len(net.sites):
+            raise CalibrationError(f"{len(tables)} clean scales for {len(net.sites)} bound sites")
         gm: fx.GraphModule = copy.deepcopy(net.net)
         device = device_of(gm)
         graph = gm.graph
         calls = {n.target: n for n in graph.nodes if n.op == "call_module"}
-        ratios = []
-        for site, u in zip(net.sites, scales, strict=True):
+        maxima = []
+        for site in net.sites:
             node = calls[site.name]
             activation = node.args[0]
-            gm.add_submodule(f"ratio_{site.name}", SiteRatio(u).to(device))
+            gm.add_submodule(f"maxima_{site.name}", ChannelMaxima())
             with graph.inserting_after(node):
-                ratios.append(graph.call_module(f"ratio_{site.name}", (activation,)))
+                maxima.append(graph.call_module(f"maxima_{site.name}", (activation,)))
             node.replace_all_uses_with(activation)  # the original network: no bound
             graph.erase_node(node)
             gm.delete_submodule(site.name)
         output = next(n for n in graph.nodes if n.op == "output")
+        logits = output.args[0]
+        by_class = any(t.dim() == 2 and t.shape[0] > 1 for t in tables)
         with graph.inserting_before(output):
+            cls = graph.call_function(torch.argmax, (logits,), {"dim": 1}) if by_class else None
+            ratios: list[fx.Node] = []
+            for site, t in zip(net.sites, tables, strict=True):
+                ratio = SiteRatio(t) if t.dim() == 1 else SiteRatio(inverse=t)
+                gm.add_submodule(f"ratio_{site.name}", ratio.to(device))
+                args = (maxima[len(ratios)],) if cls is None else (maxima[len(ratios)], cls)
+                ratios.append(graph.call_module(f"ratio_{site.name}", args))
             stacked = graph.call_function(torch.cat, (ratios, 1))
-        output.args = ((output.args[0], stacked),)
+        output.args = ((logits, stacked),)
         graph.lint()
         gm.recompile()
         self.net = gm
         self.sites = net.sites
+        self.by_class = by_class
         self.eval()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

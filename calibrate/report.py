@@ -395,7 +395,17 @@ def _md_range_detector(report: Mapping[str, Any]) -> list[str]:
         f"{_cell(ranged.get('maxima_images'))} clean images, learning and held-out, that the "
         "network classifies correctly (raised to at least "
         f"{_cell(ranged.get('floor'))} times the median over the site's active channels: the "
-        "floored ones); the statistic is the largest over the sites. Its null is fitted on "
+        "floored ones)"
+        + (
+            "; an input is measured against the scales of the class the network predicts for "
+            "it, over that class's images alone (each at least "
+            f"{_cell(ranged.get('class_floor'))} times the scale over all classes; "
+            f"{len(ranged.get('classes_with_own_scales') or [])} classes have scales of their "
+            "own, the others use those over all classes)"
+            if ranged.get("scales") == "class"
+            else ""
+        )
+        + "; the statistic is the largest over the sites. Its null is fitted on "
         "every clean image's statistic against the other images' scales (leave one out), "
         "as a new clean image's is against all of them. The guard flags when any "
         "statistic's p-value is below alpha / m (m statistics in all) and corrects with the "

@@ -10,6 +10,7 @@ import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -187,6 +188,76 @@ def test_leave_one_out_ratios_are_the_served_ratios_against_the_others(n: int) -
     assert loo[3, 1] > 10.0 and loo[:, 1].max() == loo[3, 1]
 
 
+def test_class_denominators_known_values() -> None:
+    from calibrate.rangeprobe import CLASS_FLOOR, class_denominators
+
+    assert CLASS_FLOOR == 0.5
+    # scales over all classes 0.001 (floored to 0.15, below), 4, 2, 6, 0 (never active);
+    # one class's own 1, 3, 0.5, 0 and 7: max(own, 0.5 x the floored global), 0 stays 0
+    u = torch.tensor([0.001, 4.0, 2.0, 6.0, 0.0])
+    own = torch.tensor([1.0, 3.0, 0.5, 0.0, 7.0])
+    np.testing.assert_allclose(
+        class_denominators(u, own).numpy(), [1.0, 3.0, 1.0, 3.0, 0.0], rtol=1e-6
+    )
+
+
+def test_class_conditional_ratios_known_values() -> None:
+    """An image is measured against its predicted class's scales (floored at half those over
+    all classes); a class with fewer than MIN_CLASS_IMAGES inside keeps the scales over all."""
+    from calibrate.rangeprobe import MIN_CLASS_IMAGES, SiteRatio, inverse_tables
+
+    assert MIN_CLASS_IMAGES == 2
+    # 5 images, one site, 2 channels; classes 0, 0, 1, 1, 2 (class 2 has one image)
+    a = torch.tensor([[4.0, 1.0], [2.0, 2.0], [1.0, 8.0], [1.0, 6.0], [3.0, 3.0]])
+    classes = np.array([0, 0, 1, 1, 2])
+    inside = np.ones(5, dtype=bool)
+    (table,) = inverse_tables([a], inside, classes, 3)
+    # over all 5 (k = 1): maxima 4 and 8, site median 6, floor 0.3: denominators 4, 8
+    # class 0: own maxima 4, 2 -> max(4, 2), max(2, 4) = 4, 4
+    # class 1: own 1, 8 -> max(1, 2) = 2, max(8, 4) = 8
+    # class 2: one image, the scales over all: 4, 8
+    np.testing.assert_allclose(1 / table.numpy(), [[4, 4], [2, 8], [4, 8]], rtol=1e-6)
+    # a new image [3, 4] predicted 0, 1 and 2: 0.75 v 1 -> 1; 1.5 v 0.5 -> 1.5; 0.75 v 0.5
+    new = torch.tensor([[3.0, 4.0]] * 3)
+    got = SiteRatio(inverse=table)(new, torch.tensor([0, 1, 2]))
+    np.testing.assert_allclose(got.numpy(), [[1.0], [1.5], [0.75]], rtol=1e-6)
+    with pytest.raises(ValueError, match="need the predicted class"):
+        SiteRatio(inverse=table)(new)
+
+
+@pytest.mark.parametrize("n", [40, 400])  # k = 1 per class and overall; k = 4 overall
+def test_class_conditional_leave_one_out_is_the_served_ratio_against_the_others(n: int) -> None:
+    """Each clean image's leave-one-out ratio with class scales equals what the served
+    network computes for it from the tables (`inverse_tables`) of the other images, its own
+    class's included; a misclassified image (outside) is measured as a new image of the class
+    it is predicted."""
+    from calibrate.rangeprobe import SiteRatio, inverse_tables, leave_one_out_ratios
+
+    g = torch.Generator().manual_seed(5)
+    sites = [torch.rand(n, 5, generator=g) * 3, torch.rand(n, 7, generator=g)]
+    sites[0][:, 1] = 0.0  # never active
+    sites[1][:, 3] *= 1e-3  # nearly dead: under the floor
+    classes = np.arange(n) % 3
+    classes[:2] = 3  # class 3: two images only, one of them outside
+    sites[1][5, 6] = 30.0  # one image far out of every other's range
+    inside = np.arange(n) % 7 != 0
+    got = leave_one_out_ratios(sites, inside, classes)
+    for i in range(n):
+        others = inside & (np.arange(n) != i)
+        tables = inverse_tables(sites, others, classes, 4)
+        cls = torch.tensor([int(classes[i])])
+        want = [
+            SiteRatio(inverse=t)(a[i : i + 1], cls).item()
+            for t, a in zip(tables, sites, strict=True)
+        ]
+        np.testing.assert_allclose(got[i], want, rtol=1e-6)
+    # a class's scale is never under CLASS_FLOOR times that over all classes, so no ratio is
+    # over 1 / CLASS_FLOOR times the one over all classes; the class scales do move them
+    plain = leave_one_out_ratios(sites, inside)
+    assert (got <= 2 * plain + 1e-6).all()
+    assert (got > plain + 1e-3).any()
+
+
 def _tiny_network() -> tuple[torch.nn.Module, torch.Tensor]:
     from calibrate.modelsrc import ModelSource, load_model
 
@@ -271,6 +342,8 @@ def test_the_artifact_carries_the_ratios_output_and_its_null(
     text = (out / "report.md").read_text()
     assert "## Range detector" in text
     assert "clean scale, the 2nd largest of its per-image maxima" in text
+    assert "scales of the class the network predicts for it" in text
+    assert "4 classes have scales of their own" in text
     # the learned bounds are a plain calibration's: the range detector only adds a test
     plain, _ = _calibrate_tiny(tmp_path / "plain", "--no-range-detector", *SMALL, *ITERS)
     assert manifest["files"]["bounded"]["sha256"] == plain["files"]["bounded"]["sha256"]
@@ -297,30 +370,46 @@ def test_the_guard_combines_the_range_p_value(range_artifact: tuple[Path, dict, 
     assert d.flagged[: len(_poisoned())].all() and not d.flagged[len(_poisoned()) :].any()
     np.testing.assert_array_equal(engine.original_logits(x), out.original)
     # the served scales are the k-th largest per-image maxima over the correctly classified
-    # learning and held-out images
+    # learning and held-out images of the class the network predicts (`--range-scales class`,
+    # the default), at least CLASS_FLOOR x those over all classes
+    from calibrate.rangeprobe import SiteRatio, inverse_tables, scale_rank
+
+    per_image, inside, predicted, served = _clean_maxima(engine)
+    report = range_artifact[2]["range_detector"]
+    assert report["maxima_images"] == inside.sum() and report["scale_rank"] == 2  # ~110 images
+    assert scale_rank(int(inside.sum())) == 2
+    assert report["scales"] == "class" and report["classes_with_own_scales"] == [0, 1, 2, 3]
+    tables = inverse_tables(per_image, inside, predicted, 4)
+    assert all(t.shape[0] == 4 for t in tables)
+    cls = torch.from_numpy(predicted)
+    want = np.concatenate(
+        [SiteRatio(inverse=t)(a, cls).numpy() for t, a in zip(tables, per_image, strict=True)],
+        axis=1,
+    )
+    np.testing.assert_allclose(served, want, rtol=1e-4, atol=1e-5)
+
+
+def _clean_maxima(engine: Any) -> tuple[list[torch.Tensor], np.ndarray, np.ndarray, np.ndarray]:
+    """The tiny calibration's clean images (learning, then held-out): per site their channel
+    maxima in the original network, which of them it classifies correctly, its predicted
+    classes, and the ratios the engine serves for them."""
     from calibrate.bounded import BoundedNetwork
     from calibrate.config import CalibrationConfig
     from calibrate.dataset import load_clean_set, split_clean_set
-    from calibrate.rangeprobe import SiteRatio, clean_scales, per_image_maxima, scale_rank
+    from calibrate.rangeprobe import per_image_maxima
 
     learn, held = split_clean_set(load_clean_set(TINY / "clean.npz"), 0.9, CalibrationConfig().seed)
     assert len(held.labels) == 108
     images = np.concatenate([learn.images, held.images])
     served = engine.logits(images)
-    inside = served.original.argmax(1) == np.concatenate([learn.labels, held.labels])
-    report = range_artifact[2]["range_detector"]
-    assert report["maxima_images"] == inside.sum() and report["scale_rank"] == 2  # ~110 images
-    assert scale_rank(int(inside.sum())) == 2
+    predicted = served.original.argmax(1)
+    inside = predicted == np.concatenate([learn.labels, held.labels])
     model, _ = _tiny_network()
     per_image, _ = per_image_maxima(
         BoundedNetwork(model, torch.from_numpy(images[:2])), torch.from_numpy(images), 64
     )
-    scales = clean_scales(per_image, inside)
-    want = np.concatenate(
-        [SiteRatio(u)(a).detach().numpy() for u, a in zip(scales, per_image, strict=True)], axis=1
-    )
     assert served.ratios is not None
-    np.testing.assert_allclose(served.ratios, want, rtol=1e-4, atol=1e-5)
+    return per_image, inside, predicted, served.ratios
 
 
 @pytest.mark.slow
@@ -373,7 +462,9 @@ def test_range_and_start_detectors_together(tmp_path: Path) -> None:
     from guard.engine import GuardEngine
 
     out = tmp_path / "art"
-    manifest, report = _calibrate_tiny(out, "--range-detector", "--start-detector", *SMALL, *ITERS)
+    manifest, report = _calibrate_tiny(
+        out, "--range-detector", "--range-scales", "global", "--start-detector", *SMALL, *ITERS
+    )
     assert manifest["schema_version"] == RANGE_SCHEMA_VERSION
     assert set(manifest["files"]) == {"original", "bounded", "start"}
     assert report["null"]["level"] == pytest.approx(0.005 / 3)
@@ -389,6 +480,21 @@ def test_range_and_start_detectors_together(tmp_path: Path) -> None:
         p_values(art.range_null, range_statistic(o.ratios)),
     ]
     np.testing.assert_allclose(engine.decide(x).p_value, np.minimum(1, 3 * np.min(ps, axis=0)))
+    # --range-scales global: every input against the scales over all classes (before stop 25)
+    from calibrate.rangeprobe import SiteRatio, clean_scales
+
+    assert report["range_detector"]["scales"] == "global"
+    assert report["config"]["range_scales"] == "global"
+    assert "per predicted class" not in manifest["range_detector"]["statistic"]
+    per_image, inside, _, served = _clean_maxima(engine)
+    want = np.concatenate(
+        [
+            SiteRatio(u)(a).numpy()
+            for u, a in zip(clean_scales(per_image, inside), per_image, strict=True)
+        ],
+        axis=1,
+    )
+    np.testing.assert_allclose(served, want, rtol=1e-4, atol=1e-5)
 
 
 # --- the artifact's checks (its null-size refusal: tests/test_start_detector.py) ------------
@@ -489,3 +595,12 @@ def test_a_default_calibration_says_why_its_range_detector_is_off(tmp_path: Path
     assert report["range_detector_off"].startswith(off)
     text = (out / "report.md").read_text()
     assert "## Range detector\n\nOff: the 24 learning and 16 held-out" in text
+
+
+def test_range_scales_is_checked() -> None:
+    from calibrate.config import CalibrationConfig
+    from calibrate.errors import CalibrationError
+
+    assert CalibrationConfig().range_scales == "class"
+    with pytest.raises(CalibrationError, match="invalid value for range_scales: 'per-class'"):
+        CalibrationConfig(range_scales="per-class")
