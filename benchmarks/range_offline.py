@@ -28,7 +28,7 @@ from benchmarks.evaluate import REPO_ROOT, guard_figures, guard_logits, split_te
 from benchmarks.train_models import model_name, model_paths, parse_name
 
 
-def range_parts(name: str, cache_dir: Path, art: Any, scales: str = "class") -> tuple[Any, Any]:
+def range_parts(name: str, cache_dir: Path, art: Any, scales: str = "both") -> tuple[Any, Any]:
     """The range network and its fitted null, as `mmguard calibrate --range-detector
     --range-scales SCALES` builds them for this model and calibration set."""
     import torch
@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--range-scales",
         nargs="+",
-        choices=["class", "global"],
-        default=["class"],
+        choices=["both", "class", "global"],
+        default=["both"],
         help="fit the range detector with each of these (`mmguard calibrate --range-scales`), "
         "side by side on the same guard logits",
     )

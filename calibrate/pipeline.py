@@ -34,6 +34,7 @@ from calibrate.rangeprobe import (
     RANGE_FLOOR,
     RATIO_OUTPUT,
     RangeNetwork,
+    balance,
     clean_scales,
     inverse_tables,
     leave_one_out_ratios,
@@ -388,7 +389,9 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
                 "scales": cfg.range_scales,
                 "classes_with_own_scales": ranged.classes_with_own_scales,
                 "class_floor": CLASS_FLOOR,
-                "sites": _range_summary(net, ranged.scales, ranged.heldout_ratios),
+                "balance": ranged.balance,
+                "ratio_columns": int(ranged.ratios.shape[1]),
+                "sites": _range_summary(net, ranged.scales, ranged.heldout_site_ratios),
             }
         manifest = _manifest_fields(job, clean, cfg, null, null_info, report, diffs)
         if start_null is not None:
@@ -408,17 +411,11 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
                 f"clean scale_c: the {scale_rank(ranged.n_inside)}-th largest per-image maximum "
                 f"over the {ranged.n_inside} correctly classified learning and held-out images, "
                 f"at least {RANGE_FLOOR} x its site's median"
-                + (
-                    "; per predicted class (argmax of the logits): over that class's images "
-                    f"(k-th largest, k = ceil(n / 100)), at least {CLASS_FLOOR} x the scale "
-                    f"over all classes ({len(ranged.classes_with_own_scales)} classes with "
-                    "their own)"
-                    if cfg.range_scales == "class"
-                    else ""
-                )
+                + _class_scales_text(cfg.range_scales, ranged)
                 + "; null fitted on every clean image's ratios against the others' scales "
                 "(leave one out)",
                 "scales": cfg.range_scales,
+                "ratio_columns": int(ranged.ratios.shape[1]),
                 "combination": "Bonferroni: p = min(1, m min_i p_i) over the m statistics",
             }
         manifest["onnx"]["bound_folding"] = fold_stats
@@ -466,10 +463,18 @@ class RangeFit:
     n_inside: int
     null: Any
     classes_with_own_scales: list[int]
+    groups: int  # 2 with both kinds of scales: the ratios are [N, groups x sites]
+    balance: float | None  # what the class-conditional ratios are multiplied by, with both
 
     @property
     def heldout_ratios(self) -> np.ndarray:
         return self.ratios[self.n_learning :]
+
+    @property
+    def heldout_site_ratios(self) -> np.ndarray:
+        """[N_held, S]: per site the larger of its groups' ratios."""
+        held = self.heldout_ratios
+        return held.reshape(held.shape[0], self.groups, -1).max(axis=1)
 
     @property
     def learning_stats(self) -> np.ndarray:
@@ -494,17 +499,46 @@ def fit_range_detector(
     predicted = logits.argmax(1).numpy()
     inside = predicted == np.concatenate([learn.labels, held.labels])
     scales = clean_scales(per_image, inside)
-    classes = predicted if cfg.range_scales == "class" else None
     k = int(logits.shape[1])
-    tables = inverse_tables(per_image, inside, classes, k)
-    ratios = leave_one_out_ratios(per_image, inside, classes)
+    groups, parts, weight = [], [], None
+    if cfg.range_scales in ("global", "both"):
+        groups.append(inverse_tables(per_image, inside))
+        parts.append(leave_one_out_ratios(per_image, inside))
+    if cfg.range_scales in ("class", "both"):
+        tables = inverse_tables(per_image, inside, predicted, k)
+        loo = leave_one_out_ratios(per_image, inside, predicted)
+        if parts:  # beside the ratios over all classes: their clean tails put level
+            weight = balance(range_statistic(parts[0]), range_statistic(loo))
+            tables, loo = [t * weight for t in tables], loo * np.float32(weight)
+        groups.append(tables)
+        parts.append(loo)
+    ratios = np.concatenate(parts, axis=1)
     stats = range_statistic(ratios)
     null = _fit(stats, cfg.range_null, "range detector's ", RANGE_GPD_MIN_SHAPE)
-    network = RangeNetwork(net, tables)
+    network = RangeNetwork(net, *groups)
     n_learning, n_inside = int(learn.labels.size), int(inside.sum())
     own = [c for c in range(k) if (inside & (predicted == c)).sum() >= MIN_CLASS_IMAGES]
-    by_class = own if classes is not None else []
-    return RangeFit(network, scales, ratios, stats, n_learning, n_inside, null, by_class)
+    by_class = own if cfg.range_scales != "global" else []
+    return RangeFit(
+        network, scales, ratios, stats, n_learning, n_inside, null, by_class, len(groups), weight
+    )
+
+
+def _class_scales_text(scales: str, ranged: RangeFit) -> str:
+    """How the manifest's statistic line describes class-conditional scales."""
+    if scales == "global":
+        return ""
+    own = (
+        "; per predicted class (argmax of the logits): over that class's images (k-th "
+        f"largest, k = ceil(n / 100)), at least {CLASS_FLOOR} x the scale over all classes "
+        f"({len(ranged.classes_with_own_scales)} classes with their own)"
+    )
+    if scales == "class":
+        return own
+    return (
+        "; twice: the first S columns against the scales over all classes, the next S against "
+        f"those of the predicted class x {ranged.balance:.6g} (clean tails put level)" + own
+    )
 
 
 def _range_summary(

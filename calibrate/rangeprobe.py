@@ -44,6 +44,11 @@ class c is measured against each channel's clean scale over the class-c images, 
 against less than this fraction of the channel's scale over all classes: a channel a class
 barely uses would otherwise turn an ordinary activation into a huge ratio and give the clean
 statistic a heavy tail."""
+BALANCE_QUANTILE = 0.95
+"""With both kinds of scales (`--range-scales both`, the default), the class-conditional
+ratios are multiplied by the `balance` that puts their clean statistics' 95th percentile on
+that of the ratios over all classes, so that the largest of the two is not always the class
+one's (whose clean tail is the heavier)."""
 MIN_CLASS_IMAGES = 2
 """A class gets scales of its own from this many correctly classified clean images on; with
 fewer, its images are measured against the scales over all classes."""
@@ -223,6 +228,16 @@ def inverse_tables(
     return tables
 
 
+def balance(
+    global_stats: np.ndarray, class_stats: np.ndarray, q: float = BALANCE_QUANTILE
+) -> float:
+    """What the class-conditional ratios are multiplied by beside the ratios over all classes:
+    the q-quantile of the clean range statistics over all classes over that of the
+    class-conditional ones (1 where either is 0)."""
+    g, c = float(np.quantile(global_stats, q)), float(np.quantile(class_stats, q))
+    return g / c if g > 0 and c > 0 else 1.0
+
+
 def _scales_without_self(a: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
     """[N, C]: per image the clean scale (`clean_scales`) of each channel over the images
     `rows` other than itself. An image not among them sees the scale over all of them, as a new
@@ -285,14 +300,20 @@ def leave_one_out_ratios(
 
 
 class RangeNetwork(nn.Module):
-    """The original network returning (logits [N, K], activation ratios [N, S]). `tables`: per
-    site the rows `SiteRatio` multiplies by (`inverse_tables`: [1, C], or [K, C] looked up by
-    the predicted class, the argmax of the logits), or plain clean scales [C] per site."""
+    """The original network returning (logits [N, K], activation ratios [N, G x S]). Each of
+    the G `groups` holds per site the rows `SiteRatio` multiplies by (`inverse_tables`: [1, C],
+    or [K, C] looked up by the predicted class, the argmax of the logits) or plain clean scales
+    [C], and gives S columns, one per site, in that order."""
 
-    def __init__(self, net: BoundedNetwork, tables: Sequence[torch.Tensor]) -> None:
+    def __init__(self, net: BoundedNetwork, *groups: Sequence[torch.Tensor]) -> None:
         super().__init__()
-        if len(tables) != len(net.sites):
-            raise CalibrationError(f"{len(tables)} clean scales for {len(net.sites)} bound sites")
+        if not groups:
+            raise CalibrationError("the range network needs the clean scales of its sites")
+        for tables in groups:
+            if len(tables) != len(net.sites):
+                raise CalibrationError(
+                    f"{len(tables)} clean scales for {len(net.sites)} bound sites"
+                )
         gm: fx.GraphModule = copy.deepcopy(net.net)
         device = device_of(gm)
         graph = gm.graph
@@ -309,15 +330,17 @@ class RangeNetwork(nn.Module):
             gm.delete_submodule(site.name)
         output = next(n for n in graph.nodes if n.op == "output")
         logits = output.args[0]
-        by_class = any(t.dim() == 2 and t.shape[0] > 1 for t in tables)
+        by_class = any(t.dim() == 2 and t.shape[0] > 1 for g in groups for t in g)
         with graph.inserting_before(output):
             cls = graph.call_function(torch.argmax, (logits,), {"dim": 1}) if by_class else None
             ratios: list[fx.Node] = []
-            for site, t in zip(net.sites, tables, strict=True):
-                ratio = SiteRatio(t) if t.dim() == 1 else SiteRatio(inverse=t)
-                gm.add_submodule(f"ratio_{site.name}", ratio.to(device))
-                args = (maxima[len(ratios)],) if cls is None else (maxima[len(ratios)], cls)
-                ratios.append(graph.call_module(f"ratio_{site.name}", args))
+            for g, tables in enumerate(groups):
+                for site, m, t in zip(net.sites, maxima, tables, strict=True):
+                    ratio = SiteRatio(t) if t.dim() == 1 else SiteRatio(inverse=t)
+                    name = f"ratio{g}_{site.name}"
+                    gm.add_submodule(name, ratio.to(device))
+                    args = (m,) if cls is None else (m, cls)
+                    ratios.append(graph.call_module(name, args))
             stacked = graph.call_function(torch.cat, (ratios, 1))
         output.args = ((logits, stacked),)
         graph.lint()

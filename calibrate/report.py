@@ -305,6 +305,26 @@ _NULL_EXTRAS = (
 )
 
 
+def _class_scales_sentence(ranged: dict[str, Any]) -> str:
+    scales = ranged.get("scales")
+    if scales not in ("class", "both"):
+        return ""
+    own = (
+        "the scales of the class the network predicts for it, over that class's images alone "
+        f"(each at least {_cell(ranged.get('class_floor'))} times the scale over all classes; "
+        f"{len(ranged.get('classes_with_own_scales') or [])} classes have scales of their own, "
+        "the others use those over all classes)"
+    )
+    if scales == "class":
+        return "; an input is measured against " + own
+    return (
+        "; an input is measured twice, against the scales over all classes and against "
+        + own
+        + f", the second ratio multiplied by {_cell(ranged.get('balance'))} so that the two "
+        "statistics' clean 95th percentiles meet, and the larger counts"
+    )
+
+
 def _null_rows(null: Mapping[str, Any], statistic: str = "d") -> list[list[str]]:
     """A fitted null as the report shows it: parameters, sample size, level, threshold on the
     statistic."""
@@ -396,15 +416,7 @@ def _md_range_detector(report: Mapping[str, Any]) -> list[str]:
         "network classifies correctly (raised to at least "
         f"{_cell(ranged.get('floor'))} times the median over the site's active channels: the "
         "floored ones)"
-        + (
-            "; an input is measured against the scales of the class the network predicts for "
-            "it, over that class's images alone (each at least "
-            f"{_cell(ranged.get('class_floor'))} times the scale over all classes; "
-            f"{len(ranged.get('classes_with_own_scales') or [])} classes have scales of their "
-            "own, the others use those over all classes)"
-            if ranged.get("scales") == "class"
-            else ""
-        )
+        + _class_scales_sentence(ranged)
         + "; the statistic is the largest over the sites. Its null is fitted on "
         "every clean image's statistic against the other images' scales (leave one out), "
         "as a new clean image's is against all of them. The guard flags when any "

@@ -225,6 +225,16 @@ def test_class_conditional_ratios_known_values() -> None:
         SiteRatio(inverse=table)(new)
 
 
+def test_balance_puts_the_clean_tails_level() -> None:
+    from calibrate.rangeprobe import BALANCE_QUANTILE, balance
+
+    assert BALANCE_QUANTILE == 0.95
+    over_all = np.arange(101.0)  # 95th percentile 95
+    np.testing.assert_allclose(balance(over_all, 2 * over_all), 0.5)
+    np.testing.assert_allclose(balance(over_all, over_all / 4), 4.0)
+    assert balance(np.zeros(5), over_all) == 1.0 and balance(over_all, np.zeros(5)) == 1.0
+
+
 @pytest.mark.parametrize("n", [40, 400])  # k = 1 per class and overall; k = 4 overall
 def test_class_conditional_leave_one_out_is_the_served_ratio_against_the_others(n: int) -> None:
     """Each clean image's leave-one-out ratio with class scales equals what the served
@@ -342,7 +352,7 @@ def test_the_artifact_carries_the_ratios_output_and_its_null(
     text = (out / "report.md").read_text()
     assert "## Range detector" in text
     assert "clean scale, the 2nd largest of its per-image maxima" in text
-    assert "scales of the class the network predicts for it" in text
+    assert "measured twice, against the scales over all classes and against the scales" in text
     assert "4 classes have scales of their own" in text
     # the learned bounds are a plain calibration's: the range detector only adds a test
     plain, _ = _calibrate_tiny(tmp_path / "plain", "--no-range-detector", *SMALL, *ITERS)
@@ -360,7 +370,10 @@ def test_the_guard_combines_the_range_p_value(range_artifact: tuple[Path, dict, 
     x = np.concatenate([_poisoned(), _clean()[0]])
     out = engine.logits(x)
     assert out.start is None and out.ratios is not None and art.range_null is not None
-    assert out.ratios.shape == (len(x), range_artifact[1]["range_detector"]["sites"])
+    assert out.ratios.shape == (len(x), range_artifact[1]["range_detector"]["ratio_columns"])
+    assert range_artifact[1]["range_detector"]["ratio_columns"] == 2 * len(
+        range_artifact[2]["bounds"]
+    )
     p_learned = p_values(art.null, statistic(out.original, out.bounded))
     p_range = p_values(art.range_null, range_statistic(out.ratios))
     d = engine.decide(x)
@@ -369,24 +382,55 @@ def test_the_guard_combines_the_range_p_value(range_artifact: tuple[Path, dict, 
     assert d.flagged.tolist() == flagged.tolist()
     assert d.flagged[: len(_poisoned())].all() and not d.flagged[len(_poisoned()) :].any()
     np.testing.assert_array_equal(engine.original_logits(x), out.original)
-    # the served scales are the k-th largest per-image maxima over the correctly classified
-    # learning and held-out images of the class the network predicts (`--range-scales class`,
-    # the default), at least CLASS_FLOOR x those over all classes
-    from calibrate.rangeprobe import SiteRatio, inverse_tables, scale_rank
+    # `--range-scales both`, the default: per site, first the ratio against the k-th largest
+    # per-image maxima over the correctly classified learning and held-out images, then the
+    # one against those of the class the network predicts (at least CLASS_FLOOR x the first),
+    # times the balance that puts the two clean statistics' 95th percentiles level
+    from calibrate.rangeprobe import (
+        SiteRatio,
+        balance,
+        clean_scales,
+        inverse_tables,
+        leave_one_out_ratios,
+        scale_rank,
+    )
 
     per_image, inside, predicted, served = _clean_maxima(engine)
     report = range_artifact[2]["range_detector"]
     assert report["maxima_images"] == inside.sum() and report["scale_rank"] == 2  # ~110 images
     assert scale_rank(int(inside.sum())) == 2
-    assert report["scales"] == "class" and report["classes_with_own_scales"] == [0, 1, 2, 3]
+    assert report["scales"] == "both" and report["classes_with_own_scales"] == [0, 1, 2, 3]
+    sites = len(per_image)
+    assert served.shape == (len(inside), 2 * sites) and report["ratio_columns"] == 2 * sites
+    weight = balance(
+        range_statistic(leave_one_out_ratios(per_image, inside)),
+        range_statistic(leave_one_out_ratios(per_image, inside, predicted)),
+    )
+    assert report["balance"] == pytest.approx(weight) and weight > 0
+    scales = clean_scales(per_image, inside)
     tables = inverse_tables(per_image, inside, predicted, 4)
     assert all(t.shape[0] == 4 for t in tables)
     cls = torch.from_numpy(predicted)
     want = np.concatenate(
-        [SiteRatio(inverse=t)(a, cls).numpy() for t, a in zip(tables, per_image, strict=True)],
+        [SiteRatio(u)(a).numpy() for u, a in zip(scales, per_image, strict=True)]
+        + [
+            weight * SiteRatio(inverse=t)(a, cls).numpy()
+            for t, a in zip(tables, per_image, strict=True)
+        ],
         axis=1,
     )
     np.testing.assert_allclose(served, want, rtol=1e-4, atol=1e-5)
+    # the null saw each clean image's statistic the same way, against the others' scales
+    loo = np.concatenate(
+        [
+            leave_one_out_ratios(per_image, inside),
+            np.float32(weight) * leave_one_out_ratios(per_image, inside, predicted),
+        ],
+        axis=1,
+    )
+    np.testing.assert_allclose(
+        report["clean_statistics"], range_statistic(loo), rtol=1e-5, atol=1e-6
+    )
 
 
 def _clean_maxima(engine: Any) -> tuple[list[torch.Tensor], np.ndarray, np.ndarray, np.ndarray]:
@@ -601,6 +645,6 @@ def test_range_scales_is_checked() -> None:
     from calibrate.config import CalibrationConfig
     from calibrate.errors import CalibrationError
 
-    assert CalibrationConfig().range_scales == "class"
+    assert CalibrationConfig().range_scales == "both"
     with pytest.raises(CalibrationError, match="invalid value for range_scales: 'per-class'"):
         CalibrationConfig(range_scales="per-class")
