@@ -28,9 +28,12 @@ from benchmarks.evaluate import REPO_ROOT, guard_figures, guard_logits, split_te
 from benchmarks.train_models import model_name, model_paths, parse_name
 
 
-def range_parts(name: str, cache_dir: Path, art: Any, scales: str = "both") -> tuple[Any, Any]:
-    """The range network and its fitted null, as `mmguard calibrate --range-detector
-    --range-scales SCALES` builds them for this model and calibration set."""
+def range_parts(
+    name: str, cache_dir: Path, art: Any, scales: str = "both"
+) -> tuple[Any, Any, float | None]:
+    """The range network, its fitted null and the balance of its class-conditional ratios (None
+    without both kinds of scales), as `mmguard calibrate --range-detector --range-scales
+    SCALES` builds them for this model and calibration set."""
     import torch
 
     from benchmarks.calibrating import factory_for
@@ -60,7 +63,7 @@ def range_parts(name: str, cache_dir: Path, art: Any, scales: str = "both") -> t
         raise SystemExit("the learning images differ from the artifact's")
     net = BoundedNetwork(model, x_d[:2])
     ranged = fit_range_detector(net, learn, held, cfg)
-    return ranged.network, ranged.null
+    return ranged.network, ranged.null, ranged.balance
 
 
 def run(
@@ -79,7 +82,7 @@ def score(name: str, variant: str, cache_dir: Path, art_dir: Path, s: Any, scale
     from benchmarks.evaluate import range_figures
 
     t = time.perf_counter()
-    ranged, null = range_parts(name, cache_dir, s.art, scales)
+    ranged, null, weight = range_parts(name, cache_dir, s.art, scales)
 
     def ratios(x: np.ndarray) -> np.ndarray:
         return np.asarray(ranged.ratios(torch.from_numpy(to_float(x)), 250).numpy())
@@ -89,6 +92,7 @@ def score(name: str, variant: str, cache_dir: Path, art_dir: Path, s: Any, scale
         "model": name,
         "artifact": str(art_dir.relative_to(cache_dir)),
         "range_scales": scales,
+        "balance": weight,
         "eval_clean": len(s.y),
         "eval_triggered": len(s.ty),
         "undefended_clean_accuracy": float(np.mean(s.g.argmax(1) == s.y)),

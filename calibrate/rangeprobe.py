@@ -43,12 +43,20 @@ CLASS_FLOOR = 0.5
 class c is measured against each channel's clean scale over the class-c images, but never
 against less than this fraction of the channel's scale over all classes: a channel a class
 barely uses would otherwise turn an ordinary activation into a huge ratio and give the clean
-statistic a heavy tail."""
+statistic a heavy tail. A throwaway probe on the CIFAR-10 benchmark models (scales over the 500
+calibration images; triggered inputs flagged at a matched 0.5% clean rate on the 9,000
+evaluation images), class scales alone with a floor of 0.5 / 0.75 against the scales over all
+classes: WaNet 73.4 / 67.6% (60.2%), WaNet trained 24 epochs 80.3 / 67.0% (77.1%), poisoned
+per batch 83.5 / 75.5% (75.8%), full width 99.0 / 98.2% (92.2%), but the chessboard 10.6 /
+40.2% (81.3%); with no floor the chessboard fell to 0.04%. Hence `both` (`balance`)."""
 BALANCE_QUANTILE = 0.95
 """With both kinds of scales (`--range-scales both`, the default), the class-conditional
 ratios are multiplied by the `balance` that puts their clean statistics' 95th percentile on
 that of the ratios over all classes, so that the largest of the two is not always the class
-one's (whose clean tail is the heavier)."""
+one's (whose clean tail is the heavier). The same probe, the larger of the two with the class
+ratios rescaled at the 50th / 90th / 95th / 99th percentile: the chessboard 55.6 / 58.3 / 62.5 /
+64.3%, WaNet 73.0 / 72.4 / 72.1 / 72.1%, full-width WaNet 98.4 / 98.5 / 98.6 / 98.7%: flat in
+the quantile; 95 leaves 25 of 500 clean statistics above it."""
 MIN_CLASS_IMAGES = 2
 """A class gets scales of its own from this many correctly classified clean images on; with
 fewer, its images are measured against the scales over all classes."""
