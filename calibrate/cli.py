@@ -182,8 +182,8 @@ def _add_method_flags(p: argparse.ArgumentParser) -> None:
         choices=list(RANGE_SCALES),
         default=d.range_scales,
         help="the range detector measures an input's activations against the clean scales of "
-        "the class the network predicts for it (class) or of all clean images (global) "
-        "(default: %(default)s)",
+        "all clean images (global), of those of the class the network predicts for it (class), "
+        "or against both, the larger ratio counting (default: %(default)s)",
     )
     m.add_argument("--alpha", type=float, default=d.alpha, help="flag when p < alpha")
     m.add_argument("--flag-on-disagreement", action="store_true")

@@ -489,8 +489,9 @@ def fit_range_detector(
     holds now) over the clean images, learning and held-out, that it classifies correctly
     (read off the same forward passes): a misclassified clean image is one the network does not
     handle as it handles its class, and one such outlier among them can hide a trigger's
-    channels. With `range_scales` "class" (the default) an image is measured against the
-    scales of the class the network predicts for it (`inverse_tables`). Every clean image
+    channels. With `range_scales` "class" an image is measured against the scales of the class
+    the network predicts for it (`inverse_tables`); with "both" (the default) against both
+    kinds, the class ratios multiplied by `balance` and placed after the others. Every clean image
     then gets its ratios against those scales, without its own (leave one out), and the null
     (`gpd` tail shape at 0 or above) is fitted on all of them, misclassified ones included, as
     clean traffic has them."""

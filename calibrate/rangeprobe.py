@@ -1,7 +1,8 @@
 """The range detector's network: the original network with one more output, per bound site the
 largest activation relative to its channel's clean scale (`clean_scales`: about the 99th
 percentile of the channel's per-image maxima over the correctly classified clean images). By
-default the scales are those of the class the network predicts (`--range-scales class`): a
+default (`--range-scales both`) each site gives two ratios: against the scales over all classes,
+and against those of the class the network predicts (`--range-scales class` alone): a
 backdoored input classified as the target carries activations that the target's own clean
 images do not reach, even where some other class's do.
 
@@ -39,9 +40,9 @@ the stem of the full-width benchmark WaNet model) would otherwise turn any small
 into a huge ratio. On that model, 3,000 clean and 2,919 triggered test images: one clean image
 flagged without the floor, none with it; the same triggered images flagged (0.01 to 0.25 alike)."""
 CLASS_FLOOR = 0.5
-"""With class-conditional scales (`--range-scales class`, the default), an image predicted as
-class c is measured against each channel's clean scale over the class-c images, but never
-against less than this fraction of the channel's scale over all classes: a channel a class
+"""With class-conditional scales (`--range-scales class`, or `both`, the default), an image
+predicted as class c is measured against each channel's clean scale over the class-c images, but
+never against less than this fraction of the channel's scale over all classes: a channel a class
 barely uses would otherwise turn an ordinary activation into a huge ratio and give the clean
 statistic a heavy tail. A throwaway probe on the CIFAR-10 benchmark models (scales over the 500
 calibration images; triggered inputs flagged at a matched 0.5% clean rate on the 9,000
