@@ -24,7 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.evaluate import REPO_ROOT, guard_figures, guard_logits, split_test, to_float
+from benchmarks.evaluate import (
+    REPO_ROOT,
+    guard_figures,
+    guard_logits,
+    split_test,
+    to_float,
+    variant_problem,
+)
 from benchmarks.train_models import model_name, model_paths, parse_name
 
 
@@ -45,7 +52,10 @@ def range_parts(
     from calibrate.modelsrc import ModelSource, load_model
     from calibrate.pipeline import _learning_set, fit_range_detector
 
-    cfg = CalibrationConfig(range_detector=True, range_scales=scales)
+    # the artifact's own split (its --seed): the range detector is fitted on all the clean
+    # images either way, but the learning images are checked against the artifact's
+    seed = int(art.manifest["split"].get("seed", 0))
+    cfg = CalibrationConfig(range_detector=True, range_scales=scales, seed=seed)
     weights = model_paths(cache_dir, name)[0]
     factory = factory_for(parse_name(name).width or DEFAULT_WIDTH)
     clean = load_clean_set(cache_dir / "eval" / "calib.npz")
@@ -67,11 +77,19 @@ def range_parts(
 
 
 def run(
-    name: str, variant: str, cache_dir: Path, data: dict[str, np.ndarray], scales: list[str]
+    name: str,
+    variant: str,
+    cache_dir: Path,
+    data: dict[str, np.ndarray],
+    scales: list[str],
+    artifact: Path | None = None,
 ) -> list[dict]:
     """Per entry of `scales`, the range detector fitted that way beside the artifact's learned
-    bounds, each scored on the same guard logits; one results file per scales."""
-    art_dir = cache_dir / "eval" / name / ("artifact" if not variant else f"artifact-{variant}")
+    bounds (`artifact`, default the scored artifact of `variant`), each scored on the same
+    guard logits; one results file per scales, named after `variant`."""
+    art_dir = artifact or (
+        cache_dir / "eval" / name / ("artifact" if not variant else f"artifact-{variant}")
+    )
     s = guard_logits(name, art_dir, data, split_test(data["y_test"]))
     return [score(name, variant, cache_dir, art_dir, s, how) for how in scales]
 
@@ -90,7 +108,9 @@ def score(name: str, variant: str, cache_dir: Path, art_dir: Path, s: Any, scale
     gr, tgr = ratios(s.x), ratios(s.tx)
     res = {
         "model": name,
-        "artifact": str(art_dir.relative_to(cache_dir)),
+        "artifact": str(
+            art_dir.relative_to(cache_dir) if art_dir.is_relative_to(cache_dir) else art_dir
+        ),
         "range_scales": scales,
         "balance": weight,
         "eval_clean": len(s.y),
@@ -116,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="+", type=model_name)
     parser.add_argument("--variant", default="", help="the scored artifact's variant")
     parser.add_argument(
+        "--artifact",
+        type=Path,
+        help="this artifact's learned bounds instead (one model; --variant names the results)",
+    )
+    parser.add_argument(
         "--range-scales",
         nargs="+",
         choices=["both", "class", "global"],
@@ -128,11 +153,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--cache-dir", type=Path, default=REPO_ROOT / ".cache" / "bench")
     args = parser.parse_args(argv)
+    if args.artifact is not None and (len(args.names) != 1 or not args.variant):
+        parser.error("--artifact takes one model and a --variant that names its results")
+    problem = variant_problem(args.variant)
+    if problem is not None:
+        parser.error(problem)
     from benchmarks.cifar import load_cifar10
 
     data = load_cifar10(args.data, args.cache_dir)
     for name in args.names:
-        for r in run(name, args.variant, args.cache_dir, data, args.range_scales):
+        for r in run(name, args.variant, args.cache_dir, data, args.range_scales, args.artifact):
             two, both = r["learned_statistic_alone"]["p"], r["learned_and_range"]["p"]
             alone = r["range_alone"]
             print(

@@ -114,3 +114,23 @@ def test_load_input_reads_back_what_was_saved_and_names_a_wrong_one(tmp_path: Pa
     np.save(tmp_path / "batch.npy", np.zeros((2, 3, 4, 4), np.float32))
     with pytest.raises(ValueError, match="one FP32 input of shape"):
         load_input(tmp_path / "batch.npy")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["wanet", "badnets", "--artifact", "a", "--variant", "v"], "--artifact takes one model"),
+        (["wanet", "--artifact", "a"], "--artifact takes one model"),
+        (["wanet", "--variant", "a/b"], "use letters, digits"),
+        (["wanet", "--range-scales", "per-class"], "invalid choice"),
+    ],
+)
+def test_range_offline_refuses_bad_arguments_before_any_work(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks.range_offline import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
