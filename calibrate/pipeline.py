@@ -30,11 +30,11 @@ from calibrate.modelsrc import ModelSource, count_output_classes, load_model
 from calibrate.progress import Progress
 from calibrate.rangeprobe import (
     CLASS_FLOOR,
-    MIN_CLASS_IMAGES,
     RANGE_FLOOR,
     RATIO_OUTPUT,
     RangeNetwork,
     balance,
+    classes_with_own_scales,
     clean_scales,
     inverse_tables,
     leave_one_out_ratios,
@@ -463,7 +463,6 @@ class RangeFit:
     n_inside: int
     null: Any
     classes_with_own_scales: list[int]
-    groups: int  # 2 with both kinds of scales: the ratios are [N, groups x sites]
     balance: float | None  # what the class-conditional ratios are multiplied by, with both
 
     @property
@@ -473,8 +472,8 @@ class RangeFit:
     @property
     def heldout_site_ratios(self) -> np.ndarray:
         """[N_held, S]: per site the larger of its groups' ratios."""
-        held = self.heldout_ratios
-        return held.reshape(held.shape[0], self.groups, -1).max(axis=1)
+        held = self.heldout_ratios  # [N_held, groups x sites], one group per kind of scales
+        return held.reshape(held.shape[0], -1, len(self.scales)).max(axis=1)
 
     @property
     def learning_stats(self) -> np.ndarray:
@@ -518,11 +517,8 @@ def fit_range_detector(
     null = _fit(stats, cfg.range_null, "range detector's ", RANGE_GPD_MIN_SHAPE)
     network = RangeNetwork(net, *groups)
     n_learning, n_inside = int(learn.labels.size), int(inside.sum())
-    own = [c for c in range(k) if (inside & (predicted == c)).sum() >= MIN_CLASS_IMAGES]
-    by_class = own if cfg.range_scales != "global" else []
-    return RangeFit(
-        network, scales, ratios, stats, n_learning, n_inside, null, by_class, len(groups), weight
-    )
+    own = classes_with_own_scales(inside, predicted, k) if cfg.range_scales != "global" else []
+    return RangeFit(network, scales, ratios, stats, n_learning, n_inside, null, own, weight)
 
 
 def _class_scales_text(scales: str, ranged: RangeFit) -> str:

@@ -85,8 +85,13 @@ def class_denominators(
     """A channel's denominator for the images of one class: the class's own clean scale, but at
     least `CLASS_FLOOR` times the channel's floored scale over all classes
     (`ratio_denominators`); 0 where that is 0 (a channel never active on any clean image)."""
-    d = ratio_denominators(global_scale, floor)
-    return torch.where(d > 0, torch.maximum(class_scale.float(), CLASS_FLOOR * d), d)
+    return _class_floored(ratio_denominators(global_scale, floor), class_scale.float())
+
+
+def _class_floored(d: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """`own` (a class's clean scales), at least `CLASS_FLOOR` times the denominators `d` over
+    all classes; 0 where `d` is 0."""
+    return torch.where(d > 0, torch.maximum(own, CLASS_FLOOR * d), d)
 
 
 def _inverse(d: torch.Tensor) -> torch.Tensor:
@@ -196,20 +201,24 @@ def clean_scales(
     return scales
 
 
+def classes_with_own_scales(inside: np.ndarray, classes: np.ndarray, num_classes: int) -> list[int]:
+    """The classes with at least `MIN_CLASS_IMAGES` `inside` images (`classes`: each image's
+    class as the network predicts it; inside, it is also the true one): those that get clean
+    scales of their own."""
+    counts = np.bincount(classes[inside], minlength=num_classes)
+    return [c for c in range(num_classes) if counts[c] >= MIN_CLASS_IMAGES]
+
+
 def class_scales(
     per_image: Sequence[torch.Tensor], inside: np.ndarray, classes: np.ndarray, num_classes: int
 ) -> list[list[torch.Tensor] | None]:
     """Per class: per site [C], the clean scales (`clean_scales`) over the `inside` images of
-    that class (`classes`: each image's class as the network predicts it; inside, it is also the
-    true one), or None where fewer than `MIN_CLASS_IMAGES` of them are inside."""
-    out: list[list[torch.Tensor] | None] = []
-    for c in range(num_classes):
-        members = inside & (classes == c)
-        if members.sum() < MIN_CLASS_IMAGES:
-            out.append(None)
-        else:
-            out.append(clean_scales(per_image, members))
-    return out
+    that class, or None for a class without scales of its own (`classes_with_own_scales`)."""
+    own = set(classes_with_own_scales(inside, classes, num_classes))
+    return [
+        clean_scales(per_image, inside & (classes == c)) if c in own else None
+        for c in range(num_classes)
+    ]
 
 
 def inverse_tables(
@@ -292,18 +301,21 @@ def leave_one_out_ratios(
         )
     is_inside = np.zeros(n, dtype=bool)
     is_inside[rows] = True
+    # a class without scales of its own keeps those over all classes, as served
+    own_classes = (
+        []
+        if classes is None
+        else classes_with_own_scales(is_inside, classes, int(classes.max()) + 1)
+    )
     out = np.zeros((n, len(per_image)), dtype=np.float32)
     for s, a in enumerate(per_image):
         a = a.float()
         d = ratio_denominators(_scales_without_self(a, rows), floor)
-        if classes is not None:
-            for c in np.unique(classes):
-                members = np.flatnonzero(is_inside & (classes == c))
-                if members.size < MIN_CLASS_IMAGES:
-                    continue  # the scales over all classes, as served
-                sel = torch.from_numpy(classes == c)
-                own = _scales_without_self(a, members)[sel]
-                d[sel] = torch.where(d[sel] > 0, torch.maximum(own, CLASS_FLOOR * d[sel]), d[sel])
+        for c in own_classes:
+            assert classes is not None
+            members = np.flatnonzero(is_inside & (classes == c))
+            sel = torch.from_numpy(classes == c)
+            d[sel] = _class_floored(d[sel], _scales_without_self(a, members)[sel])
         out[:, s] = (a * _inverse(d)).amax(dim=1).numpy()
     return out
 
@@ -356,7 +368,6 @@ class RangeNetwork(nn.Module):
         gm.recompile()
         self.net = gm
         self.sites = net.sites
-        self.by_class = by_class
         self.eval()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
