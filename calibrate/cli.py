@@ -295,9 +295,10 @@ def summary(report: dict[str, Any], out: Path) -> str:
         if mmbd["suspected"]
         else f"no backdoor detected (p = {mmbd['p_value']:.3g})"
     )
-    from calibrate.report import null_fit_advice
+    from calibrate.report import clean_set_advice, null_fit_advice
 
     advice = null_fit_advice(report)
+    warning = clean_set_advice(report)
     kept = report.get("bounds_from_iteration")
     fallback = (
         f"  note: the bounded network was still below the agreement target after "
@@ -314,6 +315,7 @@ def summary(report: dict[str, Any], out: Path) -> str:
             f"{h['accuracy_guarded']:.2%} guarded; bounded agrees on {h['agreement']:.2%}; "
             f"false-positive rate {h['false_positive_rate']:.2%} "
             f"at alpha {report['null']['alpha']}",
+            *([f"  warning: {warning}"] if warning else []),
             *([f"  note: {advice}"] if advice else []),
             *([fallback] if kept is not None else []),
             *(

@@ -98,3 +98,24 @@ def heldout_figures(
         "flag_rate_configured_rule": float(np.mean(flagged)),
         "fpr_method": FPR_METHOD,
     }
+
+
+def clean_set_figures(
+    predicted: np.ndarray, labels: np.ndarray, num_classes: int
+) -> dict[str, Any]:
+    """How the original network does on the whole clean set (learning and held-out images):
+    its accuracy, and the class it predicts most often with the share of images it goes to (on
+    a balanced set about 1 / num_classes for a network that works; most images in one class
+    points at mismatched preprocessing, or at a trigger in the clean set)."""
+    predicted, labels = np.asarray(predicted), np.asarray(labels)
+    if predicted.shape != labels.shape or predicted.size == 0:
+        raise ValueError(f"{predicted.size} predictions for {labels.size} labels")
+    counts = np.bincount(predicted, minlength=num_classes)
+    top = int(counts.argmax())
+    return {
+        "images": int(labels.size),
+        "accuracy_original": float(np.mean(predicted == labels)),
+        "chance": 1.0 / num_classes,
+        "most_predicted_class": top,
+        "most_predicted_share": float(counts[top] / labels.size),
+    }

@@ -22,7 +22,7 @@ from calibrate.config import CalibrationConfig, null_size_problem
 from calibrate.dataset import CleanSet, load_clean_set, split_clean_set
 from calibrate.device import describe, device_of, resolve_device
 from calibrate.errors import CalibrationError
-from calibrate.evaluation import heldout_figures
+from calibrate.evaluation import clean_set_figures, heldout_figures
 from calibrate.export import MAX_ABS_DIFF, OPSET, OUTPUT_NAME, export_verified
 from calibrate.mitigate import MitigationResult, batched_logits, learn_bounds
 from calibrate.mmbd import verdict
@@ -351,6 +351,11 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
             "config": _flat_config(cfg),
             "split": split,
             "heldout": figures,
+            "clean_set": clean_set_figures(
+                np.concatenate([learn_logits.argmax(1).cpu().numpy(), g_held.argmax(1).numpy()]),
+                np.concatenate([learn.labels, held.labels]),
+                k,
+            ),
             "null": null_info,
             "clean_statistics": [float(v) for v in stats],
             "max_margins": {"before": r_before.tolist(), "after": r_after.tolist()},

@@ -231,6 +231,42 @@ def null_fit_advice(report: Mapping[str, Any]) -> str | None:
     )
 
 
+LOW_ACCURACY_SHARE = 0.25
+"""The report warns when the original network's accuracy on the clean set is less than this
+share of the way from chance (1 / K) to 100%: 32.5% for 10 classes, 26.7% for 43. A network a
+user deploys does far better on its own task; one that does this badly on the clean set is
+almost always being fed images it was not trained on (another normalisation, image size or
+class order), and every figure of the calibration is then about the wrong inputs."""
+DOMINANT_SHARE = 0.5
+"""... or when it sends at least this share of the (balanced) clean set to one class (with 3
+classes or more): mismatched preprocessing often collapses predictions onto one class, and so
+would a trigger already present in the clean images."""
+
+
+def clean_set_advice(report: Mapping[str, Any]) -> str | None:
+    """A warning when the original network does so badly on the clean set, or sends so much of
+    it to one class, that the inputs are likely not what it was trained on (`LOW_ACCURACY_SHARE`,
+    `DOMINANT_SHARE`); None otherwise, and for a report without the clean-set figures."""
+    c = report.get("clean_set")
+    if not c:
+        return None
+    chance, acc, share = c["chance"], c["accuracy_original"], c["most_predicted_share"]
+    low = acc < chance + LOW_ACCURACY_SHARE * (1.0 - chance)
+    dominant = chance <= 1 / 3 and share >= DOMINANT_SHARE
+    if not (low or dominant):
+        return None
+    names = _class_names(report, _num_classes(report))
+    top = c["most_predicted_class"]
+    top_name = names[top] if 0 <= top < len(names) else str(top)
+    return (
+        f"the original network classifies {_pct(acc)} of the {c['images']} clean images "
+        f"correctly (chance {_pct(chance)}) and predicts {top_name} for {_pct(share)} of them: "
+        "check that --mean/--std, --image-size and the class order (the data's class names, "
+        "sorted as folder names sort) match how the model was trained, and that the clean "
+        "images carry no trigger; until then the calibration's figures describe the wrong inputs"
+    )
+
+
 def _md_verdict(report: Mapping[str, Any]) -> list[str]:
     """Verdict paragraph: the MM-BD decision, then what the runtime guard costs on clean data."""
     mmbd = report.get("mmbd", {})
@@ -246,7 +282,9 @@ def _md_verdict(report: Mapping[str, Any]) -> list[str]:
     )
     advice = null_fit_advice(report)
     tail = [f"Note: {advice}.", ""] if advice else []
-    return [f"{first} {second}", "", *tail]
+    warning = clean_set_advice(report)
+    head = [f"**Warning: {warning}.**", ""] if warning else []
+    return [*head, f"{first} {second}", "", *tail]
 
 
 def _md_overview(report: Mapping[str, Any]) -> list[str]:

@@ -194,6 +194,7 @@ def test_torchscript_model_calibrates_end_to_end(tmp_path: Path) -> None:
     assert len(manifest["bounds"]) == 4
     assert max(manifest["onnx"]["max_abs_logit_diff"].values()) <= 1e-4
     assert "wrote" in stdout
+    assert "warning" not in stdout  # a network that works on its clean set
 
 
 def test_mmom_objective_records_its_settings(tmp_path: Path) -> None:
@@ -293,7 +294,7 @@ def test_torchvision_arch_with_normalisation_on_an_image_folder(tmp_path: Path) 
             Image.fromarray(pixels).save(tmp_path / "data" / c / f"{i}.png")
     out = tmp_path / "art"
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    code, _, err = run_cli(
+    code, stdout, err = run_cli(
         ["calibrate", "--arch", "resnet18", "--weights", str(tmp_path / "r18.pt"),
          "--mean", ",".join(map(str, mean)), "--std", ",".join(map(str, std)),
          "--data", str(tmp_path / "data"), "--min-per-class", "8", "--objective", "mmom",
@@ -305,6 +306,10 @@ def test_torchvision_arch_with_normalisation_on_an_image_folder(tmp_path: Path) 
     assert manifest["normalization"]["mean"] == list(mean)
     assert manifest["class_names"] == ["cat", "dog", "fox"]
     assert len(manifest["bounds"]) == 17
+    # an untrained network on noise: the summary says the inputs look wrong for it
+    report = json.loads((out / "report.json").read_text())
+    assert report["clean_set"]["accuracy_original"] < 0.5
+    assert "warning: the original network classifies" in stdout
     # the exported original graph takes [0,1] pixels and normalises inside
     x = rng.random((2, 3, 32, 32), dtype=np.float32)
     want = model((torch.from_numpy(x) - torch.tensor(mean).view(1, 3, 1, 1))

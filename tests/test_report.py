@@ -229,6 +229,56 @@ def test_null_fit_advice_only_when_a_gaussian_null_misfits(tmp_path: Path) -> No
     assert null_fit_advice(report) is None
 
 
+def test_clean_set_figures_by_hand() -> None:
+    from calibrate.evaluation import clean_set_figures
+
+    got = clean_set_figures(np.array([0, 1, 1, 1, 3, 1]), np.array([0, 1, 2, 3, 3, 2]), 4)
+    assert got == {
+        "images": 6,
+        "accuracy_original": 0.5,  # images 0, 1 and 4
+        "chance": 0.25,
+        "most_predicted_class": 1,
+        "most_predicted_share": pytest.approx(4 / 6),
+    }
+    with pytest.raises(ValueError, match="2 predictions for 3 labels"):
+        clean_set_figures(np.array([0, 1]), np.array([0, 1, 1]), 2)
+
+
+def _with_clean_set(acc: float, share: float, k: int = 4, top: int = 2) -> dict[str, Any]:
+    report = fake_report()
+    report["clean_set"] = {
+        "images": 200,
+        "accuracy_original": acc,
+        "chance": 1 / k,
+        "most_predicted_class": top,
+        "most_predicted_share": share,
+    }
+    return report
+
+
+def test_clean_set_advice_near_chance_or_one_class(tmp_path: Path) -> None:
+    from calibrate.report import clean_set_advice
+
+    # K = 4: chance 25%, warned below 25 + 0.25 x 75 = 43.75%
+    assert clean_set_advice(_with_clean_set(0.4375, 0.3)) is None
+    low = clean_set_advice(_with_clean_set(0.43, 0.3))
+    assert low is not None
+    assert "43.00% of the 200 clean images correctly (chance 25.00%)" in low
+    assert "predicts dog for 30.00%" in low and "--mean/--std" in low
+    # a working network that sends half of a balanced set to one class
+    assert clean_set_advice(_with_clean_set(0.9, 0.49)) is None
+    assert clean_set_advice(_with_clean_set(0.9, 0.5)) is not None
+    # with two classes one class takes half by chance: only accuracy counts
+    report = _with_clean_set(0.9, 0.95, k=2, top=1)
+    report["model"]["class_names"] = ["a", "b"]
+    report["model"]["num_classes"] = 2
+    assert clean_set_advice(report) is None
+    assert clean_set_advice(fake_report()) is None  # a report from before the check
+    write_report(_with_clean_set(0.1, 0.9), tmp_path)
+    head = (tmp_path / "report.md").read_text().split("**MM-BD:")[0]
+    assert "**Warning: the original network classifies 10.00%" in head
+
+
 def test_ordinals_in_the_report() -> None:
     from calibrate.report import _ordinal
 
