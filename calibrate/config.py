@@ -18,9 +18,11 @@ MaximaSource = Literal["bounded", "original"]
 RANGE_SCALES = ("both", "class", "global")
 
 
-def _check(ok: bool, name: str, value: object) -> None:
+def _check(ok: bool, name: str, value: object, rule: str = "") -> None:
+    """Refuse a setting, naming it, its value and (`rule`) what it must be."""
     if not ok:
-        raise CalibrationError(f"invalid value for {name}: {value!r}")
+        why = f" ({rule})" if rule else ""
+        raise CalibrationError(f"invalid value for {name}: {value!r}{why}")
 
 
 @dataclass(frozen=True)
@@ -70,22 +72,38 @@ class ScheduleConfig:
     lambda_factor: float = 1.2
 
     def __post_init__(self) -> None:
-        _check(self.mm_source in ("bounded", "original"), "mm_source", self.mm_source)
-        _check(self.ascent_optimizer in ("adam", "sgd"), "ascent_optimizer", self.ascent_optimizer)
-        _check(self.max_iters >= 1, "max_iters", self.max_iters)
-        _check(0 <= self.min_iters <= self.max_iters, "min_iters", self.min_iters)
-        _check(self.overtime_iters >= 0, "overtime_iters", self.overtime_iters)
-        _check(self.loss_rel_tol >= 0, "loss_rel_tol", self.loss_rel_tol)
-        _check(self.cold_ascent_steps >= 0, "cold_ascent_steps", self.cold_ascent_steps)
-        _check(self.warm_ascent_steps >= 0, "warm_ascent_steps", self.warm_ascent_steps)
-        _check(self.redraw_every >= 1, "redraw_every", self.redraw_every)
-        _check(self.ascent_lr > 0, "ascent_lr", self.ascent_lr)
-        _check(self.bound_lr > 0, "bound_lr", self.bound_lr)
-        _check(self.lambda_init >= 0 and math.isfinite(self.lambda_init), "lambda_init", 0)
+        _check(
+            self.mm_source in ("bounded", "original"),
+            "mm_source",
+            self.mm_source,
+            "'bounded' or 'original'",
+        )
+        _check(
+            self.ascent_optimizer in ("adam", "sgd"),
+            "ascent_optimizer",
+            self.ascent_optimizer,
+            "'adam' or 'sgd'",
+        )
+        _check(self.max_iters >= 1, "max_iters", self.max_iters, "at least 1")
+        min_ok = 0 <= self.min_iters <= self.max_iters
+        _check(min_ok, "min_iters", self.min_iters, f"0 to max_iters, {self.max_iters}")
+        _check(self.overtime_iters >= 0, "overtime_iters", self.overtime_iters, "0 or more")
+        _check(self.loss_rel_tol >= 0, "loss_rel_tol", self.loss_rel_tol, "0 or more")
+        _check(
+            self.cold_ascent_steps >= 0, "cold_ascent_steps", self.cold_ascent_steps, "0 or more"
+        )
+        _check(
+            self.warm_ascent_steps >= 0, "warm_ascent_steps", self.warm_ascent_steps, "0 or more"
+        )
+        _check(self.redraw_every >= 1, "redraw_every", self.redraw_every, "at least 1")
+        _check(self.ascent_lr > 0, "ascent_lr", self.ascent_lr, "above 0")
+        _check(self.bound_lr > 0, "bound_lr", self.bound_lr, "above 0")
+        init_ok = self.lambda_init >= 0 and math.isfinite(self.lambda_init)
+        _check(init_ok, "lambda_init", self.lambda_init, "a finite number, 0 or more")
         mmom_ok = self.mmom_lambda >= 0 and math.isfinite(self.mmom_lambda)
-        _check(mmom_ok, "mmom_lambda", self.mmom_lambda)
-        _check(self.lambda_every >= 1, "lambda_every", self.lambda_every)
-        _check(self.lambda_factor > 1, "lambda_factor", self.lambda_factor)
+        _check(mmom_ok, "mmom_lambda", self.mmom_lambda, "a finite number, 0 or more")
+        _check(self.lambda_every >= 1, "lambda_every", self.lambda_every, "at least 1")
+        _check(self.lambda_factor > 1, "lambda_factor", self.lambda_factor, "above 1")
 
 
 #: SPEC section 2's reference schedule: 300 iterations, maxima from the original network by
@@ -226,28 +244,63 @@ class CalibrationConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.objective in ("mmac", "mmom"), "objective", self.objective)
+        _check(self.objective in ("mmac", "mmom"), "objective", self.objective, "'mmac' or 'mmom'")
         if self.bound_init != "max":
             try:
                 ok = float(self.bound_init) > 0
             except ValueError:
                 ok = False
             _check(ok, "bound_init (use 'max' or a positive number)", self.bound_init)
-        _check(self.bound_ceiling in ("max", "none"), "bound_ceiling", self.bound_ceiling)
-        _check(0 < self.target_agreement <= 1, "target_agreement", self.target_agreement)
-        _check(self.starts_per_class >= 0, "starts_per_class", self.starts_per_class)
-        _check(0 < self.heldout_fraction < 1, "heldout_fraction", self.heldout_fraction)
-        _check(self.null in NULL_KINDS, "null", self.null)
-        _check(self.start_null in NULL_KINDS, "start_null", self.start_null)
-        _check(self.range_null in NULL_KINDS, "range_null", self.range_null)
-        _check(self.range_scales in RANGE_SCALES, "range_scales", self.range_scales)
+        _check(
+            self.bound_ceiling in ("max", "none"),
+            "bound_ceiling",
+            self.bound_ceiling,
+            "'max' or 'none'",
+        )
+        _check(
+            0 < self.target_agreement <= 1,
+            "target_agreement",
+            self.target_agreement,
+            "above 0 and at most 1",
+        )
+        _check(
+            self.starts_per_class >= 0,
+            "starts_per_class",
+            self.starts_per_class,
+            "0 (as many as the smallest class has) or more",
+        )
+        _check(
+            0 < self.heldout_fraction < 1,
+            "heldout_fraction",
+            self.heldout_fraction,
+            "between 0 and 1",
+        )
+        _check(self.null in NULL_KINDS, "null", self.null, f"one of {', '.join(NULL_KINDS)}")
+        _check(
+            self.start_null in NULL_KINDS,
+            "start_null",
+            self.start_null,
+            f"one of {', '.join(NULL_KINDS)}",
+        )
+        _check(
+            self.range_null in NULL_KINDS,
+            "range_null",
+            self.range_null,
+            f"one of {', '.join(NULL_KINDS)}",
+        )
+        _check(
+            self.range_scales in RANGE_SCALES,
+            "range_scales",
+            self.range_scales,
+            f"one of {', '.join(RANGE_SCALES)}",
+        )
         if self.start_detector and self.objective != "mmac":
             raise CalibrationError("a start detector is for objective 'mmac', not 'mmom'")
-        _check(0 < self.alpha < 1, "alpha", self.alpha)
-        _check(self.mmbd_starts >= 1, "mmbd_starts", self.mmbd_starts)
-        _check(self.mmbd_steps >= 1, "mmbd_steps", self.mmbd_steps)
-        _check(0 < self.mmbd_alpha < 1, "mmbd_alpha", self.mmbd_alpha)
-        _check(self.batch_size >= 1, "batch_size", self.batch_size)
+        _check(0 < self.alpha < 1, "alpha", self.alpha, "between 0 and 1")
+        _check(self.mmbd_starts >= 1, "mmbd_starts", self.mmbd_starts, "at least 1")
+        _check(self.mmbd_steps >= 1, "mmbd_steps", self.mmbd_steps, "at least 1")
+        _check(0 < self.mmbd_alpha < 1, "mmbd_alpha", self.mmbd_alpha, "between 0 and 1")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "at least 1")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -147,17 +147,20 @@ def test_existing_output_needs_force(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("flag", "value", "fragment"),
     [
-        ("--alpha", "1.5", "alpha"),
+        ("--alpha", "1.5", "alpha: 1.5 (between 0 and 1)"),
         ("--heldout-fraction", "0", "heldout_fraction"),
         ("--bound-init", "large", "bound_init"),
-        ("--max-iters", "0", "max_iters"),
-        ("--overtime-iters", "-1", "overtime_iters"),
+        ("--max-iters", "0", "max_iters: 0 (at least 1)"),
+        ("--overtime-iters", "-1", "overtime_iters: -1 (0 or more)"),
+        # below the default min_iters (50): the message says what the limit is
+        ("--max-iters", "3", "min_iters: 50 (0 to max_iters, 3)"),
+        ("--lambda-init", "-1", "lambda_init: -1.0 (a finite number, 0 or more)"),
     ],
 )
 def test_bad_option_values(tmp_path: Path, flag: str, value: str, fragment: str) -> None:
     out = tmp_path / "art"
     code, _, err = run_cli(_tiny_args(out, flag, value))
-    _assert_one_line_error(code, err, fragment)
+    _assert_one_line_error(code, err, "invalid value for " + fragment)
     _nothing_written(tmp_path, out)
 
 
