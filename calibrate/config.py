@@ -250,7 +250,7 @@ class CalibrationConfig:
                 ok = float(self.bound_init) > 0
             except ValueError:
                 ok = False
-            _check(ok, "bound_init (use 'max' or a positive number)", self.bound_init)
+            _check(ok, "bound_init", self.bound_init, "'max' or a positive number")
         _check(
             self.bound_ceiling in ("max", "none"),
             "bound_ceiling",
