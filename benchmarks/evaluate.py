@@ -11,8 +11,9 @@ class, the same images as ``benchmarks.calibration``), a clean STRIP split (500 
 blend backgrounds and the set its threshold is chosen on) and the evaluation set (the other 9000).
 ``mmguard calibrate`` runs with its defaults on the calibration set (once: a later run reuses the
 artifact unless ``--recalibrate``; ``--variant V --calibrate-args '...'`` calibrates with other
-flags and keeps that artifact and its results apart; ``--artifact`` names another one to score),
-and then
+flags and keeps that artifact and its results apart; ``--calib-per-class N`` with a variant
+calibrates on the first N images of each class of that set instead; ``--artifact`` names another
+one to score), and then
 everything is measured from the exported ONNX files and the manifest alone, in onnxruntime,
 with the guard's own decision code (``guard.mmdf.decide``):
 
@@ -90,6 +91,15 @@ def variant_problem(variant: str) -> str | None:
     if variant and not re.fullmatch(r"[A-Za-z0-9_.]+", variant):
         return f"--variant {variant!r}: use letters, digits, '_' and '.' only"
     return None
+
+
+def first_per_class(labels: np.ndarray, n: int) -> np.ndarray:
+    """The indices, in order, of the first ``n`` images of each class in ``labels`` (all of a
+    class with fewer)."""
+    keep = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        keep[np.flatnonzero(labels == c)[:n]] = True
+    return np.flatnonzero(keep)
 
 
 def to_float(x_uint8_nhwc: np.ndarray) -> np.ndarray:
@@ -487,6 +497,15 @@ def run(names: list[str], args: argparse.Namespace) -> None:
         labels=data["y_test"][idx[0]],
         class_names=data["class_names"],
     )
+    if args.calib_per_class:  # a smaller calibration set: the first N of each class of it
+        keep = idx[0][first_per_class(data["y_test"][idx[0]], args.calib_per_class)]
+        calib_npz = calib_npz.with_name(f"calib{args.calib_per_class}.npz")
+        np.savez(
+            calib_npz,
+            images=data["x_test"][keep],
+            labels=data["y_test"][keep],
+            class_names=data["class_names"],
+        )
     for name in names:
         out_dir = args.cache_dir / "eval" / name
         weights, record_path = model_paths(args.cache_dir, name)
@@ -729,6 +748,14 @@ def main(argv: list[str] | None = None) -> int:
         help="score this artifact (one model, with --variant)",
     )
     r.add_argument(
+        "--calib-per-class",
+        type=int,
+        default=0,
+        metavar="N",
+        help="calibrate on the first N images of each class of the calibration set (50 per "
+        "class) instead of all of them (with --variant)",
+    )
+    r.add_argument(
         "--recalibrate", action="store_true", help="calibrate even if CACHE/eval/NAME has one"
     )
     r.add_argument("--fig-dir", type=Path, default=REPO_ROOT / "docs" / "figures")
@@ -783,6 +810,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(variant_problem(args.variant))
     if args.artifact is not None and not args.variant:
         parser.error("--artifact needs --variant, so that its results do not replace the default's")
+    if args.calib_per_class < 0:
+        parser.error(f"--calib-per-class {args.calib_per_class}: give a positive count")
+    if args.calib_per_class and (not args.variant or args.artifact is not None):
+        parser.error(
+            "--calib-per-class calibrates a --variant (and scores no --artifact), so that its "
+            "results do not replace the default's"
+        )
     if args.calibrate_args and not args.variant:
         parser.error(
             "--calibrate-args needs --variant, so that its results do not replace the default's"

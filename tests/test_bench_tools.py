@@ -134,3 +134,34 @@ def test_range_offline_refuses_bad_arguments_before_any_work(
         main(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_first_per_class_by_hand() -> None:
+    from benchmarks.evaluate import first_per_class
+
+    labels = np.array([2, 0, 2, 1, 0, 2, 0, 1])
+    assert first_per_class(labels, 2).tolist() == [0, 1, 2, 3, 4, 7]
+    assert first_per_class(labels, 1).tolist() == [0, 1, 3]
+    assert first_per_class(labels, 5).tolist() == list(range(8))  # fewer than 5 of each: all
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["run", "wanet", "--calib-per-class", "20"], "--calib-per-class calibrates a --variant"),
+        (
+            ["run", "wanet", "--calib-per-class", "20", "--variant", "c20", "--artifact", "a"],
+            "scores no --artifact",
+        ),
+        (["run", "wanet", "--calib-per-class", "-3", "--variant", "c"], "give a positive count"),
+    ],
+)
+def test_evaluate_run_refuses_a_smaller_calibration_set_without_a_variant(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks.evaluate import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
