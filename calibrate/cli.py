@@ -287,6 +287,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fpr_upper(heldout: dict[str, Any]) -> str:
+    """The summary's note of how high the false-positive rate could be (reports from before it
+    have none)."""
+    upper = heldout.get("false_positive_rate_upper95")
+    if upper is None:
+        return ""
+    return f" (at most {upper:.2%} at 95% confidence, from {heldout['n']} held-out images)"
+
+
 def summary(report: dict[str, Any], out: Path) -> str:
     h, mmbd = report["heldout"], report["mmbd"]
     names = report["model"]["class_names"]
@@ -314,7 +323,7 @@ def summary(report: dict[str, Any], out: Path) -> str:
             f"  held-out clean: accuracy {h['accuracy_original']:.2%} original, "
             f"{h['accuracy_guarded']:.2%} guarded; bounded agrees on {h['agreement']:.2%}; "
             f"false-positive rate {h['false_positive_rate']:.2%} "
-            f"at alpha {report['null']['alpha']}",
+            f"at alpha {report['null']['alpha']}{_fpr_upper(h)}",
             *([f"  warning: {warning}"] if warning else []),
             *([f"  note: {advice}"] if advice else []),
             *([fallback] if kept is not None else []),

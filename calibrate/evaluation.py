@@ -66,6 +66,22 @@ def cross_fitted_decisions(
     return labels, flagged
 
 
+FPR_CONFIDENCE = 0.95
+
+
+def rate_upper_bound(k: int, n: int, confidence: float = FPR_CONFIDENCE) -> float:
+    """One-sided Clopper-Pearson upper confidence bound on a rate seen k times in n trials: the
+    rate u at which seeing k or fewer has probability 1 - confidence (1 when k = n). With k = 0
+    it is 1 - (1 - confidence)^(1/n): 3.7% for 80 images at 95%."""
+    if not 0 <= k <= n or n < 1:
+        raise ValueError(f"{k} of {n}: need 0 <= k <= n and n >= 1")
+    if k == n:
+        return 1.0
+    from scipy.stats import beta
+
+    return float(beta.ppf(confidence, k + 1, n - k))
+
+
 def heldout_figures(
     g: np.ndarray,
     gz: np.ndarray,
@@ -94,6 +110,8 @@ def heldout_figures(
         "accuracy_guarded": float(np.mean(labels == y)),
         "agreement": float(np.mean(c == cz)),
         "false_positive_rate": float(np.mean(flagged_plain)),
+        # how high the rate could be, given what so few images can show
+        "false_positive_rate_upper95": rate_upper_bound(int(np.sum(flagged_plain)), int(y.size)),
         "false_positive_rate_with_disagreement": float(np.mean(flagged_dis)),
         "flag_rate_configured_rule": float(np.mean(flagged)),
         "fpr_method": FPR_METHOD,

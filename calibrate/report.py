@@ -312,6 +312,10 @@ def _md_heldout(report: Mapping[str, Any]) -> list[str]:
         ["Original/bounded agreement", _pct(held.get("agreement"))],
         ["False-positive rate", _pct(held.get("false_positive_rate"))],
         [
+            f"False-positive rate, 95% upper bound over {held.get('n')} images (Clopper-Pearson)",
+            _pct(held.get("false_positive_rate_upper95")),
+        ],
+        [
             "False-positive rate with disagreement rule",
             _pct(held.get("false_positive_rate_with_disagreement")),
         ],

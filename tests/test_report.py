@@ -244,6 +244,45 @@ def test_clean_set_figures_by_hand() -> None:
         clean_set_figures(np.array([0, 1]), np.array([0, 1, 1]), 2)
 
 
+def test_rate_upper_bound_known_values() -> None:
+    from scipy.stats import binom
+
+    from calibrate.evaluation import rate_upper_bound
+
+    # none seen: 1 - (1 - confidence)^(1/n), the "rule of three" region
+    assert rate_upper_bound(0, 80) == pytest.approx(1 - 0.05 ** (1 / 80), rel=1e-9)
+    assert rate_upper_bound(0, 80) == pytest.approx(0.0368, abs=1e-4)
+    assert rate_upper_bound(0, 1000) == pytest.approx(0.002991, abs=1e-6)
+    # k seen: the rate at which k or fewer has probability 5%
+    for k, n in ((1, 200), (4, 80), (10, 500)):
+        u = rate_upper_bound(k, n)
+        assert k / n < u < 1
+        assert binom.cdf(k, n, u) == pytest.approx(0.05, abs=1e-9)
+    assert rate_upper_bound(5, 5) == 1.0
+    assert rate_upper_bound(2, 80, confidence=0.99) > rate_upper_bound(2, 80)
+    with pytest.raises(ValueError, match="3 of 2"):
+        rate_upper_bound(3, 2)
+    with pytest.raises(ValueError, match="0 of 0"):
+        rate_upper_bound(0, 0)
+
+
+def test_report_and_summary_give_the_rates_upper_bound(tmp_path: Path) -> None:
+    from calibrate.cli import summary
+
+    report = fake_report()
+    report["heldout"].update(n=80, false_positive_rate=0.0, false_positive_rate_upper95=0.0368)
+    write_report(report, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "| False-positive rate, 95% upper bound over 80 images (Clopper-Pearson) | 3.68% |" in md
+    report.update(iterations=3, timing_s={"total": 1.0})
+    report["heldout"].update(accuracy_guarded=0.8, agreement=0.9)
+    text = summary(report, tmp_path)
+    assert "false-positive rate 0.00% at alpha" in text
+    assert "(at most 3.68% at 95% confidence, from 80 held-out images)" in text
+    del report["heldout"]["false_positive_rate_upper95"]  # a report from before the bound
+    assert "at most" not in summary(report, tmp_path)
+
+
 def _with_clean_set(acc: float, share: float, k: int = 4, top: int = 2) -> dict[str, Any]:
     report = fake_report()
     report["clean_set"] = {
