@@ -238,9 +238,9 @@ user deploys does far better on its own task; one that does this badly on the cl
 almost always being fed images it was not trained on (another normalisation, image size or
 class order), and every figure of the calibration is then about the wrong inputs."""
 DOMINANT_SHARE = 0.5
-"""... or when it sends at least this share of the (balanced) clean set to one class (with 3
-classes or more): mismatched preprocessing often collapses predictions onto one class, and so
-would a trigger already present in the clean images."""
+"""The report also warns when the original network sends at least this share of the
+(balanced) clean set to one class, with 3 classes or more: mismatched preprocessing often
+collapses the predictions onto one class, and so would a trigger already in the clean images."""
 
 
 def clean_set_advice(report: Mapping[str, Any]) -> str | None:
