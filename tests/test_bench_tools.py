@@ -117,19 +117,27 @@ def test_load_input_reads_back_what_was_saved_and_names_a_wrong_one(tmp_path: Pa
 
 
 @pytest.mark.parametrize(
-    "argv, message",
+    "command, argv, message",
     [
-        (["wanet", "badnets", "--artifact", "a", "--variant", "v"], "--artifact takes one model"),
-        (["wanet", "--artifact", "a"], "--artifact takes one model"),
-        (["wanet", "--variant", "a/b"], "use letters, digits"),
-        (["wanet", "--range-scales", "per-class"], "invalid choice"),
+        ("range_offline", ["wanet", "badnets", "--artifact", "a", "--variant", "v"],
+         "--artifact takes one model"),
+        ("range_offline", ["wanet", "--artifact", "a"], "--artifact takes one model"),
+        ("range_offline", ["wanet", "--variant", "a/b"], "use letters, digits"),
+        ("range_offline", ["wanet", "--range-scales", "per-class"], "invalid choice"),
+        ("evaluate", ["run", "wanet", "--calib-per-class", "20"],
+         "--calib-per-class calibrates a --variant"),
+        ("evaluate", ["run", "wanet", "--calib-per-class", "20", "--variant", "c20",
+                      "--artifact", "a"], "scores no --artifact"),
+        ("evaluate", ["run", "wanet", "--calib-per-class", "-3", "--variant", "c"],
+         "give a positive count"),
     ],
-)
-def test_range_offline_refuses_bad_arguments_before_any_work(
-    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+)  # fmt: skip
+def test_benchmark_commands_refuse_bad_arguments_before_any_work(
+    command: str, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from benchmarks.range_offline import main
+    import importlib
 
+    main = importlib.import_module(f"benchmarks.{command}").main
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
@@ -143,25 +151,3 @@ def test_first_per_class_by_hand() -> None:
     assert first_per_class(labels, 2).tolist() == [0, 1, 2, 3, 4, 7]
     assert first_per_class(labels, 1).tolist() == [0, 1, 3]
     assert first_per_class(labels, 5).tolist() == list(range(8))  # fewer than 5 of each: all
-
-
-@pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["run", "wanet", "--calib-per-class", "20"], "--calib-per-class calibrates a --variant"),
-        (
-            ["run", "wanet", "--calib-per-class", "20", "--variant", "c20", "--artifact", "a"],
-            "scores no --artifact",
-        ),
-        (["run", "wanet", "--calib-per-class", "-3", "--variant", "c"], "give a positive count"),
-    ],
-)
-def test_evaluate_run_refuses_a_smaller_calibration_set_without_a_variant(
-    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from benchmarks.evaluate import main
-
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2
-    assert message in capsys.readouterr().err
