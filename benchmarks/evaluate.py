@@ -518,6 +518,8 @@ def run(names: list[str], args: argparse.Namespace) -> None:
         result: dict[str, Any] = {"model": json.loads(record_path.read_text())}
         if args.variant:
             result["variant"] = {"name": args.variant, "calibrate_args": args.calibrate_args}
+            if args.calib_per_class:
+                result["variant"]["calib_per_class"] = args.calib_per_class
         previous = out_dir / f"results{suffix}.json"
         reuse = args.artifact is not None or (
             not args.recalibrate and (art_dir / "manifest.json").exists()
