@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -23,6 +24,11 @@ def _check(ok: bool, name: str, value: object, rule: str = "") -> None:
     if not ok:
         why = f" ({rule})" if rule else ""
         raise CalibrationError(f"invalid value for {name}: {value!r}{why}")
+
+
+def _check_choice(name: str, value: object, choices: Sequence[str]) -> None:
+    """Refuse a setting that is not one of `choices`, naming them."""
+    _check(value in choices, name, value, "one of " + ", ".join(choices))
 
 
 @dataclass(frozen=True)
@@ -72,18 +78,8 @@ class ScheduleConfig:
     lambda_factor: float = 1.2
 
     def __post_init__(self) -> None:
-        _check(
-            self.mm_source in ("bounded", "original"),
-            "mm_source",
-            self.mm_source,
-            "'bounded' or 'original'",
-        )
-        _check(
-            self.ascent_optimizer in ("adam", "sgd"),
-            "ascent_optimizer",
-            self.ascent_optimizer,
-            "'adam' or 'sgd'",
-        )
+        _check_choice("mm_source", self.mm_source, ("bounded", "original"))
+        _check_choice("ascent_optimizer", self.ascent_optimizer, ("adam", "sgd"))
         _check(self.max_iters >= 1, "max_iters", self.max_iters, "at least 1")
         min_ok = 0 <= self.min_iters <= self.max_iters
         _check(min_ok, "min_iters", self.min_iters, f"0 to max_iters, {self.max_iters}")
@@ -244,19 +240,14 @@ class CalibrationConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check(self.objective in ("mmac", "mmom"), "objective", self.objective, "'mmac' or 'mmom'")
+        _check_choice("objective", self.objective, ("mmac", "mmom"))
         if self.bound_init != "max":
             try:
                 ok = float(self.bound_init) > 0
             except ValueError:
                 ok = False
             _check(ok, "bound_init", self.bound_init, "'max' or a positive number")
-        _check(
-            self.bound_ceiling in ("max", "none"),
-            "bound_ceiling",
-            self.bound_ceiling,
-            "'max' or 'none'",
-        )
+        _check_choice("bound_ceiling", self.bound_ceiling, ("max", "none"))
         _check(
             0 < self.target_agreement <= 1,
             "target_agreement",
@@ -275,25 +266,10 @@ class CalibrationConfig:
             self.heldout_fraction,
             "between 0 and 1",
         )
-        _check(self.null in NULL_KINDS, "null", self.null, f"one of {', '.join(NULL_KINDS)}")
-        _check(
-            self.start_null in NULL_KINDS,
-            "start_null",
-            self.start_null,
-            f"one of {', '.join(NULL_KINDS)}",
-        )
-        _check(
-            self.range_null in NULL_KINDS,
-            "range_null",
-            self.range_null,
-            f"one of {', '.join(NULL_KINDS)}",
-        )
-        _check(
-            self.range_scales in RANGE_SCALES,
-            "range_scales",
-            self.range_scales,
-            f"one of {', '.join(RANGE_SCALES)}",
-        )
+        _check_choice("null", self.null, NULL_KINDS)
+        _check_choice("start_null", self.start_null, NULL_KINDS)
+        _check_choice("range_null", self.range_null, NULL_KINDS)
+        _check_choice("range_scales", self.range_scales, RANGE_SCALES)
         if self.start_detector and self.objective != "mmac":
             raise CalibrationError("a start detector is for objective 'mmac', not 'mmom'")
         _check(0 < self.alpha < 1, "alpha", self.alpha, "between 0 and 1")
