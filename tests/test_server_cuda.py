@@ -47,6 +47,8 @@ def test_engine_runs_both_networks_on_the_gpu(artifact_dir: Path, samples: Sampl
     cpu = GuardEngine(art, "cpu", threads=1)
     assert gpu.device == "cuda" and gpu.providers[0] == CUDA
     assert all(s.get_providers()[0] == CUDA for s in gpu._sessions)
+    # full FP32 on the GPU, as on the CPU and in calibration (TF32 is onnxruntime's default)
+    assert all(s.get_provider_options()[CUDA]["use_tf32"] == "0" for s in gpu._sessions)
     x = np.concatenate([samples.triggered, samples.clean])
     (go, gb, *_), (co, cb, *_) = gpu.logits(x), cpu.logits(x)
     np.testing.assert_allclose(go, co, rtol=1e-3, atol=1e-3)
