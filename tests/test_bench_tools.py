@@ -151,3 +151,18 @@ def test_first_per_class_by_hand() -> None:
     assert first_per_class(labels, 2).tolist() == [0, 1, 2, 3, 4, 7]
     assert first_per_class(labels, 1).tolist() == [0, 1, 3]
     assert first_per_class(labels, 5).tolist() == list(range(8))  # fewer than 5 of each: all
+
+
+@pytest.mark.slow
+def test_range_output_times_an_artifacts_three_networks(artifact_dir: Path) -> None:
+    from benchmarks.range_output import GRAPHS, measure
+
+    r = measure(artifact_dir, "cpu", threads=1, batch=4, rounds=2, calls=2)
+    assert r["provider"] == "CPUExecutionProvider"
+    assert r["nodes"] == sum(r["node_types"].values()) and r["node_types"]["Concat"] == 1
+    for b in (1, 4):
+        assert set(r[f"p50_ms_batch{b}"]) == set(GRAPHS)
+        assert all(v > 0 for v in r[f"p50_ms_batch{b}"].values())
+        p = r[f"p50_ms_batch{b}"]
+        assert r[f"ratios_cost_batch{b}"] == p["with ratios"] / p["logits only"]
+    assert "max_abs_diff_from_cpu" not in r  # compared with the CPU only on a GPU

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -225,6 +226,34 @@ def test_class_conditional_ratios_known_values() -> None:
         SiteRatio(inverse=table)(new)
 
 
+def test_all_sites_together_equal_each_site_alone() -> None:
+    """SiteRatios (the exported network's one module for every site) gives, column for column,
+    what SiteRatio gives site by site: sites of different widths and kinds (activations and
+    channel maxima), a group of scales over all classes and one looked up by class."""
+    from calibrate.rangeprobe import SiteRatio, SiteRatios
+
+    gen = torch.Generator().manual_seed(0)
+    widths, classes, n = (3, 5, 2), 4, 6
+    acts = [torch.randn(n, 3, 4, 4, generator=gen), torch.randn(n, 5, generator=gen),
+            torch.rand(n, 2, 3, 3, generator=gen) + 1]  # fmt: skip
+    scales = [torch.rand(w, generator=gen) + 0.5 for w in widths]
+    scales[0][1] = 0.0  # a channel never active on the clean images
+    by_class = [torch.rand(classes, w, generator=gen) for w in widths]
+    cls = torch.tensor([0, 3, 1, 1, 2, 0])
+    got = SiteRatios([scales, by_class])(*acts, cls=cls)
+    want = torch.cat(
+        [SiteRatio(u)(a) for u, a in zip(scales, acts, strict=True)]
+        + [SiteRatio(inverse=t)(a, cls) for t, a in zip(by_class, acts, strict=True)],
+        dim=1,
+    )
+    assert got.shape == (n, 2 * len(widths))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="widths"):
+        SiteRatios([scales, [*by_class[:2], torch.rand(classes, 7)]])
+    with pytest.raises(ValueError, match="need the predicted class"):
+        SiteRatios([scales, by_class])(*acts)
+
+
 def test_balance_puts_the_clean_tails_level() -> None:
     from calibrate.rangeprobe import BALANCE_QUANTILE, balance
 
@@ -347,6 +376,15 @@ def test_the_artifact_carries_the_ratios_output_and_its_null(
     assert len(report["range_detector"]["sites"]) == ranged["sites"]
     sess = ort.InferenceSession(str(out / "original.onnx"), providers=["CPUExecutionProvider"])
     assert [o.name for o in sess.get_outputs()] == ["logits", "activation_ratio"]
+    # every site's ratios in a few nodes, not a few per site (each node is a kernel launch on
+    # a GPU): one ReduceMax per convolutional site for its channel maxima (a linear site's
+    # values are its maxima), then one of each for all sites
+    import onnx
+
+    ops = Counter(n.op_type for n in onnx.load(str(out / "original.onnx")).graph.node)
+    sites = ranged["sites"]
+    assert ops["ReduceMax"] <= sites + 1 and ops["Concat"] == 1 and ops["Mul"] == 1
+    assert ops["Gather"] == 2 and ops["ArgMax"] == 1  # the class's rows, each site's channels
     art = load_artifact(out)
     assert art.range_output == "activation_ratio" and art.range_null is not None
     text = (out / "report.md").read_text()
