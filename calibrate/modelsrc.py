@@ -12,7 +12,6 @@ import difflib
 import importlib
 import inspect
 import pickle
-import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,13 +22,12 @@ import torch
 import torchvision
 from torch import nn
 
-from calibrate.errors import CalibrationError
+from calibrate.errors import CalibrationError, first_line
 
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
 # DataParallel / DistributedDataParallel save "module.<name>"; torch.compile saves "_orig_mod.".
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _SHOWN_KEYS = 3
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @dataclass(frozen=True)
@@ -98,7 +96,7 @@ def count_output_classes(model: nn.Module, input_chw: tuple[int, int, int]) -> i
             out = model(x)
     except Exception as exc:  # any failure of user code on a valid-shaped input is reported
         raise CalibrationError(
-            f"model forward on zeros{tuple(x.shape)} failed: {_first_line(exc)}"
+            f"model forward on zeros{tuple(x.shape)} failed: {first_line(exc)}"
         ) from exc
     if not isinstance(out, torch.Tensor):
         raise CalibrationError(
@@ -111,15 +109,6 @@ def count_output_classes(model: nn.Module, input_chw: tuple[int, int, int]) -> i
     return int(out.shape[1])
 
 
-def _first_line(exc: BaseException) -> str:
-    """The exception's first sentence without terminal colours: messages stay one short line."""
-    text = _ANSI.sub("", str(exc))
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if not lines:
-        return type(exc).__name__
-    return f"{type(exc).__name__}: {lines[0].split('. ')[0].rstrip('.')}"
-
-
 def _build_arch(name: str, num_classes: int) -> nn.Module:
     """A torchvision classification model with a `num_classes` head and no pretrained weights."""
     known = torchvision.models.list_models(module=torchvision.models)
@@ -130,7 +119,7 @@ def _build_arch(name: str, num_classes: int) -> nn.Module:
     try:
         model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     except (TypeError, ValueError) as exc:
-        raise CalibrationError(f"cannot build {name!r}: {_first_line(exc)}") from exc
+        raise CalibrationError(f"cannot build {name!r}: {first_line(exc)}") from exc
     return model
 
 
@@ -145,7 +134,7 @@ def _build_factory(spec: str, num_classes: int) -> nn.Module:
     except (ImportError, SyntaxError) as exc:
         raise CalibrationError(
             f"cannot import factory module {module_name!r} (is it on PYTHONPATH?): "
-            f"{_first_line(exc)}"
+            f"{first_line(exc)}"
         ) from exc
     for attr in attr_path.split("."):
         if not hasattr(obj, attr):
@@ -185,7 +174,7 @@ def _load_torchscript(path: Path) -> nn.Module:
     except Exception as exc:  # torch.jit.load raises RuntimeError, ValueError, OSError, ...
         raise CalibrationError(
             f"cannot load TorchScript {path} (it must be saved with torch.jit.save): "
-            f"{_first_line(exc)}"
+            f"{first_line(exc)}"
         ) from exc
     if not isinstance(model, nn.Module):
         raise CalibrationError(f"TorchScript {path} did not load as a module")
@@ -199,7 +188,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises UnpicklingError, RuntimeError, EOFError, ...
-        detail = _first_line(exc)
+        detail = first_line(exc)
         if isinstance(exc, pickle.UnpicklingError):  # its text suggests weights_only=False
             detail = "it holds Python objects besides tensors, e.g. a whole pickled model"
         raise CalibrationError(
@@ -235,9 +224,7 @@ def _load_weights(model: nn.Module, path: Path, num_classes: int) -> None:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise CalibrationError(
-            f"weights {path} do not match the model: {_first_line(exc)}"
-        ) from exc
+        raise CalibrationError(f"weights {path} do not match the model: {first_line(exc)}") from exc
 
 
 def _describe_mismatch(

@@ -23,7 +23,7 @@ from calibrate.dataset import CleanSet, load_clean_set, split_clean_set
 from calibrate.device import describe, device_of, resolve_device
 from calibrate.errors import CalibrationError
 from calibrate.evaluation import clean_set_figures, heldout_figures
-from calibrate.export import MAX_ABS_DIFF, OPSET, OUTPUT_NAME, export_verified
+from calibrate.export import OPSET, OUTPUT_NAME, TOLERANCE, check_exportable, export_verified
 from calibrate.mitigate import MitigationResult, batched_logits, learn_bounds
 from calibrate.mmbd import verdict
 from calibrate.modelsrc import ModelSource, count_output_classes, load_model
@@ -236,6 +236,7 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
     _check_null_size(cfg, n_held, n_learning)
     per_class = cfg.starts_per_class or int(min(learn.per_class_counts()))
     chw = tuple(int(v) for v in x_learn.shape[1:])
+    check_exportable(model, x_d[:1])  # now, not after the ascent and the learning
     net = BoundedNetwork(model, x_d[:2])
     net.init_bounds(cfg.bound_init, x_d, cfg.batch_size, ceiling=cfg.bound_ceiling == "max")
     init = [b.detach().cpu().clone() for b in net.bounds()]  # the report reads them on the CPU
@@ -645,6 +646,11 @@ def _manifest_fields(
         "heldout": report["heldout"],
         "split": report["split"],
         "mmbd": report["mmbd"],
-        "onnx": {"opset": OPSET, "max_abs_logit_diff": diffs, "tolerance": MAX_ABS_DIFF},
+        "onnx": {
+            "opset": OPSET,
+            "max_diff": diffs,
+            "tolerance": TOLERANCE,
+            "rule": "per output: max |onnxruntime - torch| <= tolerance * max(1, max |torch|)",
+        },
         "versions": library_versions(),
     }

@@ -91,7 +91,7 @@ def test_artifact_records_what_the_guard_needs(calibrated: dict) -> None:
     assert manifest["hyperparameters"]["objective"] == "mmac"
     assert manifest["mmbd"]["suspected"] is True and manifest["mmbd"]["target"] == 0
     assert len(manifest["bounds"]) == 4
-    assert max(manifest["onnx"]["max_abs_logit_diff"].values()) <= 1e-4
+    assert max(manifest["onnx"]["max_diff"].values()) <= 1e-4
     for name in ("report.json", "report.md", "margins.png", "statistic.png", "bounds.png"):
         assert (root / name).stat().st_size > 0, name
     assert "backdoor suspected" in calibrated["stdout"]

@@ -123,7 +123,7 @@ def test_the_artifact_carries_a_third_network_and_its_null(
     start = report["start_detector"]
     assert len(start["clean_statistics"]) == 108 and start["null"]["level"] == 0.0025
     assert report["null"]["level"] == 0.0025  # each statistic is tested at alpha / 2
-    assert "start" in manifest["onnx"]["max_abs_logit_diff"]  # exported and checked like the rest
+    assert "start" in manifest["onnx"]["max_diff"]  # exported and checked like the rest
     art = load_artifact(out)
     assert art.start_path == out / "start.onnx" and art.start_null is not None
     assert art.start_null.kind == "gpd"
