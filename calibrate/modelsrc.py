@@ -13,6 +13,7 @@ import importlib
 import inspect
 import pickle
 import warnings
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,10 +209,26 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             "save model.state_dict() with torch.save"
         )
     state = dict(obj)
+    # torch.save keeps each module's state-dict version in `_metadata`; some modules refuse a
+    # state without it (torchvision's MNASNet: "version should be set to 1 or 2")
+    meta = dict(getattr(obj, "_metadata", None) or {})
     for prefix in _WRAPPER_PREFIXES:
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix) :]: v for k, v in state.items()}
-    return state
+            meta = {_strip_module_prefix(k, prefix): v for k, v in meta.items()}
+    out: OrderedDict[str, torch.Tensor] = OrderedDict(state)
+    if meta:
+        out._metadata = meta  # type: ignore[attr-defined]
+    return out
+
+
+def _strip_module_prefix(module_key: str, prefix: str) -> str:
+    """A `_metadata` key (a module path, "" for the root) without the wrapper's prefix: the
+    wrapper itself ("module") becomes the root."""
+    name = prefix.rstrip(".")
+    if module_key == name:
+        return ""
+    return module_key[len(prefix) :] if module_key.startswith(prefix) else module_key
 
 
 def _load_weights(model: nn.Module, path: Path, num_classes: int) -> None:
@@ -223,7 +240,7 @@ def _load_weights(model: nn.Module, path: Path, num_classes: int) -> None:
         raise CalibrationError(f"weights {path} do not match the model: {problem}")
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
+    except Exception as exc:  # RuntimeError from torch; a module's own check may raise others
         raise CalibrationError(f"weights {path} do not match the model: {first_line(exc)}") from exc
 
 

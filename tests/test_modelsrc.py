@@ -107,6 +107,29 @@ def test_factory_with_wrapped_weights(tmp_path: Path, wrapper: str | None) -> No
     assert count_output_classes(model, (3, 4, 4)) == 5
 
 
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_module_versions_saved_with_the_weights_reach_the_model(
+    tmp_path: Path, wrapped: bool
+) -> None:
+    """torch.save keeps each module's state-dict version (`_metadata`); torchvision's MNASNet
+    refuses weights without it. Kept through DataParallel's "module." prefix as well."""
+    net = torchvision.models.mnasnet0_5(num_classes=4)
+    state = net.state_dict()
+    if wrapped:
+        state = nn.DataParallel(net).state_dict()
+        assert next(iter(state)).startswith("module.") and "module" in state._metadata
+    weights = _save(state, tmp_path / "w.pt")
+    model = load_model(ModelSource(arch="mnasnet0_5", weights=weights), 4)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in net.state_dict().items())
+    # without the versions the model's own check refuses them: one line, not a traceback
+    bare = _save(dict(net.state_dict()), tmp_path / "bare.pt")
+    _error(
+        lambda: load_model(ModelSource(arch="mnasnet0_5", weights=bare), 4),
+        "do not match the model",
+        "version should be set to 1 or 2",
+    )
+
+
 def test_factory_without_num_classes(tmp_path: Path) -> None:
     weights = _save(make_net(4).state_dict(), tmp_path / "w.pt")
     model = load_model(
