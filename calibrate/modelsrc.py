@@ -75,7 +75,7 @@ def load_model(src: ModelSource, num_classes: int) -> nn.Module:
     else:
         assert src.weights is not None  # guaranteed by ModelSource.__post_init__
         if src.arch is not None:
-            model = _build_arch(src.arch, num_classes)
+            model = _build_arch(src.arch, num_classes, _arch_options(src.arch, src.weights))
         else:
             assert src.factory is not None
             model = _build_factory(src.factory, num_classes)
@@ -110,15 +110,34 @@ def count_output_classes(model: nn.Module, input_chw: tuple[int, int, int]) -> i
     return int(out.shape[1])
 
 
-def _build_arch(name: str, num_classes: int) -> nn.Module:
-    """A torchvision classification model with a `num_classes` head and no pretrained weights."""
+_AUX_HEADS = {"googlenet": ("aux1.", "aux2."), "inception_v3": ("AuxLogits.",)}
+"""torchvision architectures built with auxiliary training heads unless told otherwise, and the
+state-dict prefixes of those heads. Weights saved without them (the heads are dropped after
+training, as torchvision's own pretrained ones are) load into the model built without them."""
+
+
+def _arch_options(name: str, weights: Path) -> dict[str, Any]:
+    """Builder options that the weights decide: `aux_logits=False` for an architecture with
+    auxiliary heads (`_AUX_HEADS`) whose weights hold none; `init_weights=False` for those two,
+    whose random initialisation is slow and is overwritten by the weights anyway."""
+    if name not in _AUX_HEADS:
+        return {}
+    has_aux = any(k.startswith(_AUX_HEADS[name]) for k in _read_state_dict(weights))
+    return {"aux_logits": has_aux, "init_weights": False}
+
+
+def _build_arch(name: str, num_classes: int, options: dict[str, Any] | None = None) -> nn.Module:
+    """A torchvision classification model with a `num_classes` head and no pretrained weights
+    (`options`: more builder arguments, `_arch_options`)."""
     known = torchvision.models.list_models(module=torchvision.models)
     if name not in known:
         close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise CalibrationError(f"unknown torchvision classification model {name!r}{hint}")
     try:
-        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        model = torchvision.models.get_model(
+            name, weights=None, num_classes=num_classes, **(options or {})
+        )
     except (TypeError, ValueError) as exc:
         raise CalibrationError(f"cannot build {name!r}: {first_line(exc)}") from exc
     return model

@@ -130,6 +130,18 @@ def test_module_versions_saved_with_the_weights_reach_the_model(
     )
 
 
+@pytest.mark.parametrize("aux", [False, True])
+def test_googlenet_weights_with_or_without_their_auxiliary_heads(tmp_path: Path, aux: bool) -> None:
+    """torchvision builds GoogLeNet with two auxiliary training heads; weights saved without
+    them (as torchvision's pretrained ones are) load into the model built without them."""
+    net = torchvision.models.googlenet(num_classes=4, aux_logits=aux, init_weights=False)
+    weights = _save(net.state_dict(), tmp_path / "w.pt")
+    model = load_model(ModelSource(arch="googlenet", weights=weights), 4)
+    assert model.state_dict().keys() == net.state_dict().keys()
+    assert any(k.startswith("aux1.") for k in model.state_dict()) == aux
+    assert count_output_classes(model, (3, 64, 64)) == 4  # eval mode: plain logits
+
+
 def test_factory_without_num_classes(tmp_path: Path) -> None:
     weights = _save(make_net(4).state_dict(), tmp_path / "w.pt")
     model = load_model(
