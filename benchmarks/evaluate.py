@@ -59,15 +59,16 @@ import numpy as np
 
 from benchmarks.attacks import ATTACKS, Attack
 from benchmarks.calibrating import calibrate_cifar, factory_for
-from benchmarks.evalmetrics import low_tail_threshold, strip_blend, strip_entropy, tpr_at_fpr
+from benchmarks.evalmetrics import low_tail_threshold, tpr_at_fpr
 from benchmarks.train_models import IMBALANCED, NAMES, model_name, model_paths, parse_name
+from calibrate import strip
 from calibrate.cifar_resnet import DEFAULT_WIDTH
 from calibrate.scoring import attack_figures, auroc, roc_curve
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CALIB_PER_CLASS = 50
 STRIP_SPLIT = 500
-STRIP_BLENDS = 64
+STRIP_BLENDS = strip.BLENDS
 STRIP_SCORED = 1000
 """Clean and triggered evaluation images each that STRIP (65 forward passes each) is scored on."""
 EVAL_ATTACK = "badnets"
@@ -176,23 +177,12 @@ def strip_scores(
     rng: np.random.Generator,
     exclude_self: bool = False,
 ) -> np.ndarray:
-    """STRIP entropy of each image in x, each blended with STRIP_BLENDS images drawn from pool.
-
-    With ``exclude_self`` x is the pool itself, and image i is never blended with itself.
-    """
-    out = np.empty(len(x))
-    chunk = 16
-    for start in range(0, len(x), chunk):
-        blends, rows = [], range(start, min(start + chunk, len(x)))
-        for i in rows:
-            choices = np.arange(len(pool))
-            if exclude_self:
-                choices = choices[choices != i]
-            bg = pool[rng.choice(choices, STRIP_BLENDS, replace=False)]
-            blends.append(strip_blend(x[i], bg))
-        logits = original(to_float(np.concatenate(blends)))
-        out[start : start + len(rows)] = strip_entropy(logits.reshape(len(rows), STRIP_BLENDS, -1))
-    return out
+    """STRIP entropy of each uint8 NHWC image in x, each blended with STRIP_BLENDS images drawn
+    from pool (calibrate.strip.strip_scores). With ``exclude_self`` x is the pool itself, and
+    image i is never blended with itself."""
+    return strip.strip_scores(
+        original, x, pool, rng, exclude_self, blends=STRIP_BLENDS, prepare=to_float
+    )
 
 
 class GuardLogits(NamedTuple):

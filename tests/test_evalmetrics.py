@@ -1,5 +1,5 @@
-"""Known-answer tests for the benchmarks' pure metrics (benchmarks/evalmetrics.py), and the
-bookkeeping of its calibration variants (benchmarks/evaluate.py)."""
+"""Known-answer tests for the benchmarks' pure metrics (benchmarks/evalmetrics.py, STRIP's from
+calibrate/strip.py), and the bookkeeping of its calibration variants (benchmarks/evaluate.py)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,36 @@ def test_strip_blend_saturates() -> None:
     out = strip_blend(x, bg)
     assert out.dtype == np.uint8 and out.shape == (2, 2, 2, 3)
     assert np.all(out[0] == 210) and np.all(out[1] == 255)
+
+
+def test_strip_blend_of_float_pixels_saturates_at_one() -> None:
+    x = np.full((3, 2, 2), 0.75, dtype=np.float32)  # NCHW-style float pixels in [0, 1]
+    bg = np.stack([np.full((3, 2, 2), 0.125, np.float32), np.full((3, 2, 2), 0.5, np.float32)])
+    out = strip_blend(x, bg)
+    assert out.dtype == np.float32 and out.shape == (2, 3, 2, 2)
+    assert np.all(out[0] == 0.875) and np.all(out[1] == 1.0)
+
+
+def test_strip_scores_draws_without_the_input_itself_and_needs_a_big_enough_pool() -> None:
+    from calibrate.strip import strip_scores
+
+    # a "network" certain of class 0 when a blend reaches 0.5, else unsure among 4 classes (2
+    # bits): only pool image 0 (0.3) blended with itself does
+    pool = np.zeros((5, 1, 1, 1), dtype=np.float32)
+    pool[0] = 0.3
+
+    def logits(b: np.ndarray) -> np.ndarray:
+        z = np.zeros((len(b), 4))
+        z[b.reshape(len(b), -1)[:, 0] >= 0.5, 0] = 1000.0
+        return z
+
+    rng = np.random.default_rng(0)
+    h = strip_scores(logits, pool, pool, rng, exclude_self=True, blends=4)
+    np.testing.assert_allclose(h, [2.0] * 5, atol=1e-9)  # never blended with itself
+    h = strip_scores(logits, pool[:1], pool, rng, blends=5)  # all five, itself among them
+    np.testing.assert_allclose(h, [(4 * 2.0 + 0.0) / 5], atol=1e-9)
+    with pytest.raises(ValueError, match="the pool has 4 to draw from"):
+        strip_scores(logits, pool, pool, rng, exclude_self=True, blends=5)
 
 
 def test_low_tail_threshold_flags_at_most_the_nominal_fraction() -> None:
