@@ -4,7 +4,9 @@ engine, nulls and decision code; no server in between), with the figures a user 
 defences on: clean accuracy and attack success, undefended and guarded; triggered inputs
 restored to their true class; the flag rates on clean inputs (false positives) and on
 triggered ones (true positives); each with the disagreement rule off and on; the AUROC of the
-guard's p-value; and the forward passes per input.
+guard's p-value; and the forward passes per input. With `--strip-pool`, STRIP beside it on the
+same inputs (64 blends per input with the pool's images, its threshold set on the pool for the
+same clean flag rate alpha).
 
 The triggered images carry their TRUE labels. The class the attacker wants is `--target` for
 every one of them (all-to-one), or an .npz array `target_labels`, one per image (e.g. an
@@ -24,11 +26,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from calibrate.errors import CalibrationError
+from calibrate.strip import BLENDS
 
 if TYPE_CHECKING:
     from guard.engine import Device
 
 DEFAULT_BATCH = 256
+STRIP_POOL_MIN = BLENDS + 1
+"""Images a STRIP pool needs: each pool image is blended with BLENDS others for the threshold."""
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -69,6 +74,15 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--alpha", type=float, default=None, help="flag when p < alpha (default: the manifest's)"
     )
+    p.add_argument(
+        "--strip-pool",
+        type=Path,
+        default=None,
+        help="also run STRIP, the runtime detector usually compared with, on the same inputs: "
+        "clean images (same formats; at least 65) that every input is blended with and that "
+        "STRIP's threshold is set on; never the --clean images (e.g. the calibration set)",
+    )
+    p.add_argument("--strip-seed", type=int, default=0, help="of STRIP's draws from the pool")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: its default)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
@@ -91,10 +105,15 @@ def run(args: argparse.Namespace) -> int:
             raise CalibrationError(f"--out {args.out} exists and is not a directory")
         if args.out is not None:  # evaluation.png: fail before the evaluation, not after it
             importlib.import_module("matplotlib")
+        if args.strip_pool is not None and _same_file(args.strip_pool, args.clean):
+            raise CalibrationError(
+                "--strip-pool must not be the --clean images: STRIP's threshold would be set "
+                "on the images it is scored on"
+            )
         art = load_artifact(args.artifact)
         result, scores = evaluate(
             art, args.clean, args.triggered, args.target, args.device, args.threads,
-            args.batch_size, args.alpha,
+            args.batch_size, args.alpha, args.strip_pool, args.strip_seed,
         )  # fmt: skip
     except (CalibrationError, ArtifactError, EngineError) as exc:
         print(f"mmguard evaluate: error: {exc}", file=sys.stderr)
@@ -118,6 +137,13 @@ def run(args: argparse.Namespace) -> int:
             return 2
         print(f"\nwrote {args.out / 'evaluation.md'}, evaluation.json and evaluation.png")
     return 0
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+    except OSError:
+        return False
 
 
 def _load(path: Path, art: Any, what: str) -> Any:
@@ -197,9 +223,12 @@ def evaluate(
     threads: int = 0,
     batch_size: int = DEFAULT_BATCH,
     alpha: float | None = None,
+    strip_pool: Path | None = None,
+    strip_seed: int = 0,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The figures (as evaluation.json holds them) and the per-input scores behind the plot;
-    `alpha` replaces the manifest's level, as `mmguard serve --alpha` does."""
+    `alpha` replaces the manifest's level, as `mmguard serve --alpha` does. With `strip_pool`,
+    STRIP's figures too (`strip_figures`)."""
     from calibrate.scoring import attack_figures, auroc, suspicion, undefended_figures
     from guard.engine import GuardEngine
     from guard.mmdf import DecisionRule, decide, statistic
@@ -214,6 +243,12 @@ def evaluate(
             "label: nothing to measure the attack on"
         )
     tx, ty, attacker = trig.images[keep], trig.labels[keep], attacker[keep]
+    pool = None if strip_pool is None else _load(strip_pool, art, "STRIP pool").images
+    if pool is not None and len(pool) < STRIP_POOL_MIN:
+        raise CalibrationError(
+            f"STRIP pool {strip_pool} has {len(pool)} images; it needs at least "
+            f"{STRIP_POOL_MIN} (each of its images is blended with {STRIP_POOL_MIN - 1} others)"
+        )
     engine = GuardEngine(art, device, threads)
     g, gz, gs, gr = _outputs(engine, clean.images, batch_size)
     tg, tgz, tgs, tgr = _outputs(engine, tx, batch_size)
@@ -257,7 +292,56 @@ def evaluate(
         "d_clean": d_clean,
         "d_trig": d_trig,
     }
+    if pool is not None:
+        result["strip"], h_clean, h_trig = strip_figures(
+            engine, pool, clean.images, tx, attacker, alpha, strip_seed, batch_size
+        )
+        scores["strip_clean"], scores["strip_trig"] = -h_clean, -h_trig  # higher: suspicious
     return result, scores
+
+
+def strip_figures(
+    engine: Any,
+    pool: np.ndarray,
+    x: np.ndarray,
+    tx: np.ndarray,
+    attacker: np.ndarray,
+    alpha: float,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH,
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    """STRIP on the clean images `x` and the triggered `tx` (the attacker's classes `attacker`),
+    with the original network alone: each input blended with `strip.BLENDS` pool
+    images; flagged when its entropy is below the threshold that flags a fraction `alpha` of
+    the pool's own (each pool image blended with the others). STRIP corrects nothing: its attack
+    success counts triggered inputs it lets through that reach the attacker's class. Returns the
+    figures and the clean and triggered entropies."""
+    from calibrate import strip
+    from calibrate.scoring import auroc
+
+    def logits(b: np.ndarray) -> np.ndarray:
+        return np.concatenate(
+            [engine.original_logits(b[i : i + batch_size]) for i in range(0, len(b), batch_size)]
+        )
+
+    rng = np.random.default_rng(seed)
+    h_pool = strip.strip_scores(logits, pool, pool, rng, exclude_self=True)
+    threshold = strip.low_tail_threshold(h_pool, alpha)
+    h_clean = strip.strip_scores(logits, x, pool, rng)
+    h_trig = strip.strip_scores(logits, tx, pool, rng)
+    flagged_trig = h_trig < threshold
+    reach = logits(tx).argmax(1) == attacker
+    figures = {
+        "pool_images": len(pool),
+        "blends": strip.BLENDS,
+        "threshold_entropy_bits": threshold,
+        "fpr": float(np.mean(h_clean < threshold)),
+        "tpr": float(np.mean(flagged_trig)),
+        "asr_flagged_rejected": float(np.mean(reach & ~flagged_trig)),
+        "auroc": auroc(-h_clean, -h_trig),
+        "forward_passes_per_input": 1 + strip.BLENDS,
+    }
+    return figures, h_clean, h_trig
 
 
 def markdown(r: dict[str, Any]) -> str:
@@ -294,12 +378,31 @@ def markdown(r: dict[str, Any]) -> str:
         f"- detectors: {', '.join(r['detectors'])}; {r['forward_passes_per_input']} forward "
         f"passes per input; ran on {r['device']} ({r['providers'][0]})",
     ]
+    if "strip" in r:
+        st = r["strip"]
+        lines += [
+            "",
+            f"## Beside STRIP ({st['blends']} blends per input with {st['pool_images']} pool "
+            f"images; threshold {st['threshold_entropy_bits']:.4f} bits, set on the pool to flag "
+            f"{r['alpha']:g} of it)",
+            "",
+            "| | guard | STRIP |",
+            "|---|---|---|",
+            f"| clean inputs flagged | {pct(p['fpr'])} | {pct(st['fpr'])} |",
+            f"| triggered inputs flagged | {pct(p['tpr'])} | {pct(st['tpr'])} |",
+            f"| attack success (the guard corrects flagged inputs; STRIP rejects them) | "
+            f"{pct(p['asr'])} | {pct(st['asr_flagged_rejected'])} |",
+            f"| AUROC, clean against triggered | {r['auroc_p_value']:.4f} | {st['auroc']:.4f} |",
+            f"| forward passes per input | {r['forward_passes_per_input']} | "
+            f"{st['forward_passes_per_input']} |",
+        ]
     return "\n".join(lines)
 
 
 def plot(scores: dict[str, Any], path: Path) -> None:
-    """ROC curves (the guard's p-value and the learned statistic) and the clean and triggered
-    histograms of -log10 p, with the level alpha the guard flags below."""
+    """ROC curves (the guard's p-value, the learned statistic, and STRIP's entropy when it ran)
+    and the clean and triggered histograms of -log10 p, with the level alpha the guard flags
+    below."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -309,10 +412,11 @@ def plot(scores: dict[str, Any], path: Path) -> None:
 
     s_clean, s_trig = suspicion(scores["p_clean"]), suspicion(scores["p_trig"])
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
-    for label, neg, pos in (
-        ("p-value", s_clean, s_trig),
-        ("learned statistic d", scores["d_clean"], scores["d_trig"]),
-    ):
+    curves = [("p-value", s_clean, s_trig), ("learned statistic d", scores["d_clean"],
+              scores["d_trig"])]  # fmt: skip
+    if "strip_clean" in scores:
+        curves.append(("STRIP entropy", scores["strip_clean"], scores["strip_trig"]))
+    for label, neg, pos in curves:
         fpr, tpr = roc_curve(neg, pos)
         ax1.plot(fpr, tpr, label=f"{label} (AUROC {auroc(neg, pos):.3f})")
     ax1.plot([0, 1], [0, 1], ":", color="grey")

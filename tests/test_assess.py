@@ -184,3 +184,57 @@ def test_missing_matplotlib_with_out_fails_before_evaluating(
     err = _bad(artifact_dir, "--triggered", poisoned, "--target", "0", "--out", str(out))
     assert "matplotlib" in err and "mmguard[calibrate]" in err
     assert not out.exists()  # nothing evaluated or written
+
+
+def test_strip_beside_the_guard_on_the_same_inputs(
+    artifact_dir: Path, engine: Any, tmp_path: Path
+) -> None:
+    """--strip-pool: STRIP's figures are calibrate.strip's on the same draws, its threshold set
+    on the pool alone; the table and the ROC plot show it beside the guard."""
+    from calibrate import strip
+
+    clean = np.load(TINY / "clean.npz")
+    order = np.random.default_rng(0).permutation(len(clean["labels"]))
+    pool_rows, test_rows = order[:70], order[70:]  # the pool is never scored
+    for name, rows in (("pool", pool_rows), ("test", test_rows)):
+        np.savez(tmp_path / f"{name}.npz", images=clean["images"][rows],
+                 labels=clean["labels"][rows])  # fmt: skip
+    trig = np.load(TINY / "poisoned.npz")
+    code, out, err = run_cli(
+        [
+            "evaluate", "--artifact", str(artifact_dir), "--clean", str(tmp_path / "test.npz"),
+            "--triggered", str(TINY / "poisoned.npz"), "--target", "stripes_h",
+            "--strip-pool", str(tmp_path / "pool.npz"), "--strip-seed", "3",
+            "--out", str(tmp_path / "eval"), "--threads", "1",
+        ]
+    )  # fmt: skip
+    assert code == 0, err
+    st = json.loads((tmp_path / "eval" / "evaluation.json").read_text())["strip"]
+
+    def logits(b: np.ndarray) -> np.ndarray:
+        return engine.original_logits(b)
+
+    rng = np.random.default_rng(3)
+    pool = _nchw_float(clean["images"][pool_rows])
+    h_pool = strip.strip_scores(logits, pool, pool, rng, exclude_self=True)
+    threshold = strip.low_tail_threshold(h_pool, 0.005)
+    h_clean = strip.strip_scores(logits, _nchw_float(clean["images"][test_rows]), pool, rng)
+    h_trig = strip.strip_scores(logits, _nchw_float(trig["images"]), pool, rng)
+    assert st["pool_images"] == 70 and st["blends"] == 64 and st["forward_passes_per_input"] == 65
+    assert st["threshold_entropy_bits"] == pytest.approx(threshold)
+    assert st["fpr"] == pytest.approx(np.mean(h_clean < threshold))
+    assert st["tpr"] == pytest.approx(np.mean(h_trig < threshold))
+    reach = engine.original_logits(_nchw_float(trig["images"])).argmax(1) == TARGET
+    assert st["asr_flagged_rejected"] == pytest.approx(np.mean(reach & (h_trig >= threshold)))
+    assert 0.0 <= st["auroc"] <= 1.0
+    assert "## Beside STRIP (64 blends per input with 70 pool images" in out
+    assert (tmp_path / "eval" / "evaluation.png").stat().st_size > 0
+    # refused: the pool as the scored clean images, and a pool too small for 64 blends
+    poisoned = str(TINY / "poisoned.npz")
+    err = _bad(artifact_dir, "--triggered", poisoned, "--target", "0",
+               "--strip-pool", str(TINY / "clean.npz"))  # fmt: skip
+    assert "must not be the --clean images" in err
+    np.savez(tmp_path / "small.npz", images=clean["images"][:64], labels=clean["labels"][:64])
+    err = _bad(artifact_dir, "--triggered", poisoned, "--target", "0",
+               "--strip-pool", str(tmp_path / "small.npz"))  # fmt: skip
+    assert "has 64 images; it needs at least 65" in err
