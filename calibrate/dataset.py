@@ -13,7 +13,8 @@ Two input forms are accepted:
   image is converted to RGB with Pillow: grayscale is replicated to three channels and the alpha
   channel of RGBA/LA/palette images is dropped.
 * an ``.npz`` archive with ``images`` and ``labels`` (and optionally ``class_names``), read with
-  ``allow_pickle=False`` so a user file can never execute code. Its channel count is kept.
+  ``allow_pickle=False`` so a user file can never execute code. Its channel count is kept
+  (1 or 3; a 3-D array [N, H, W] is grayscale), so it is the form for a single-channel model.
 """
 
 from __future__ import annotations
@@ -193,9 +194,15 @@ def _load_npz(
 
 
 def _npz_images(raw: np.ndarray, path: Path) -> np.ndarray:
-    """Normalise npz images to float32 NCHW in [0, 1], inferring NHWC from a 1/3-sized axis."""
+    """Normalise npz images to float32 NCHW in [0, 1], inferring NHWC from a 1/3-sized axis; a
+    3-D array [N, H, W] is single-channel (grayscale, as MNIST-style arrays come)."""
+    if raw.ndim == 3 and raw.shape[0] > 0:
+        raw = raw[:, None]
     if raw.ndim != 4 or raw.shape[0] == 0:
-        raise CalibrationError(f"npz {path}: images must be a non-empty 4-D array, got {raw.shape}")
+        raise CalibrationError(
+            f"npz {path}: images must be a non-empty array [N, H, W] (grayscale) or "
+            f"[N, C, H, W] / [N, H, W, C], got {raw.shape}"
+        )
     if raw.shape[1] in (1, 3):
         nchw = raw
     elif raw.shape[3] in (1, 3):

@@ -98,10 +98,27 @@ def _prepare_model(job: CalibrationJob, clean: CleanSet) -> nn.Module:
     try:
         k_out = count_output_classes(model, (chw[0], chw[1], chw[2]))
     except CalibrationError as exc:
-        raise CalibrationError(f"the model does not accept images of shape {chw}: {exc}") from None
+        hint = ""
+        if chw[0] == 3 and _accepts(model, (1, chw[1], chw[2])):
+            hint = (
+                "; it takes single-channel images: give them as an .npz of [N, H, W] or "
+                "[N, 1, H, W] (an ImageFolder is read as RGB)"
+            )
+        raise CalibrationError(
+            f"the model does not accept images of shape {chw}: {exc}{hint}"
+        ) from None
     if k_out != k:
         raise CalibrationError(f"the model outputs {k_out} classes but the clean data has {k}")
     return model
+
+
+def _accepts(model: nn.Module, chw: tuple[int, int, int]) -> bool:
+    """Whether `model` runs on zeros of shape [1, *chw]."""
+    try:
+        count_output_classes(model, chw)
+    except CalibrationError:
+        return False
+    return True
 
 
 def _check_finite(logits: torch.Tensor, what: str) -> None:

@@ -384,3 +384,37 @@ def test_openmp_threads_sleep_unless_the_user_chose(
         timeout=120,
     )
     assert proc.stdout.split() == ["2", f"['{expected}']"], proc.stdout + proc.stderr
+
+
+def gray_net(num_classes: int = 4) -> nn.Module:
+    """A single-channel CNN (MNIST-style inputs)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(6 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, num_classes),
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_single_channel_model_from_grayscale_arrays(tmp_path: Path) -> None:
+    """Grayscale [N, H, W] arrays calibrate a single-channel model end to end, and RGB images
+    given to it are refused with the way out named."""
+    from guard.artifact import load_artifact
+    from guard.engine import GuardEngine
+
+    torch.manual_seed(0)
+    weights = tmp_path / "gray.pt"
+    torch.save(gray_net().state_dict(), weights)
+    rgb = np.load(TINY / "clean.npz")
+    gray = tmp_path / "gray.npz"
+    np.savez(gray, images=rgb["images"].mean(axis=3).astype(np.uint8), labels=rgb["labels"])
+    args = ["calibrate", "--factory", "tests.test_cli:gray_net", "--weights", str(weights),
+            "--quiet", "--max-iters", "2", "--min-iters", "0", "--mmbd-steps", "3"]  # fmt: skip
+    code, _, err = run_cli([*args, "--data", str(TINY / "clean.npz"), "--out", str(tmp_path / "a")])
+    assert code == 2 and "does not accept images of shape (3, 16, 16)" in err
+    assert "it takes single-channel images: give them as an .npz of [N, H, W]" in err
+    code, _, err = run_cli([*args, "--data", str(gray), "--out", str(tmp_path / "b")])
+    assert code == 0, err
+    art = load_artifact(tmp_path / "b")
+    assert tuple(art.input.shape) == (1, 16, 16)
+    x = np.load(gray)["images"][:4, None].astype(np.float32) / 255
+    assert GuardEngine(art, "cpu", threads=1).decide(x).label.shape == (4,)

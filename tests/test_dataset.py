@@ -139,6 +139,15 @@ def test_npz_float_nchw_with_stored_names(tmp_path: Path) -> None:
     assert np.allclose(cs.images, images)
 
 
+def test_npz_grayscale_without_a_channel_axis(tmp_path: Path) -> None:
+    """[N, H, W], as MNIST-style arrays come: one channel."""
+    images = np.arange(4 * 5 * 7, dtype=np.uint8).reshape(4, 5, 7)
+    path = _npz(tmp_path / "d.npz", images=images, labels=_labels([2, 2]))
+    cs = load_clean_set(path, min_per_class=2)
+    assert cs.images.shape == (4, 1, 5, 7)
+    np.testing.assert_allclose(cs.images[:, 0] * 255, images, atol=1e-4)
+
+
 def _float_npz(tmp_path: Path, images: np.ndarray | None = None, **kw: np.ndarray) -> Path:
     arrays = {"images": np.zeros((4, 3, 2, 2), np.float32), "labels": _labels([2, 2])}
     if images is not None:
@@ -173,7 +182,8 @@ def test_npz_never_unpickles(tmp_path: Path) -> None:
         (np.full((4, 3, 2, 2), -0.25), ("min -0.25",)),
         (np.full((4, 3, 2, 2), np.nan, np.float32), ("48 NaNs",)),
         (np.zeros((4, 5, 2, 2), np.float32), ("channel axis", "(4, 5, 2, 2)")),
-        (np.zeros((4, 3, 2), np.float32), ("4-D", "(4, 3, 2)")),
+        (np.zeros((4, 6), np.float32), ("[N, H, W] (grayscale)", "(4, 6)")),
+        (np.zeros((4, 1, 3, 2, 2), np.float32), ("[N, C, H, W]", "(4, 1, 3, 2, 2)")),
         (np.zeros((4, 3, 2, 2), np.int16), ("int16", "uint8")),
     ],
 )
