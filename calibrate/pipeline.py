@@ -109,6 +109,8 @@ def _prepare_model(job: CalibrationJob, clean: CleanSet) -> nn.Module:
         ) from None
     if k_out != k:
         raise CalibrationError(f"the model outputs {k_out} classes but the clean data has {k}")
+    # now, on the CPU where the real export runs, not after the ascent and the learning
+    check_exportable(model, torch.from_numpy(clean.images[:1]))
     return model
 
 
@@ -253,7 +255,6 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
     _check_null_size(cfg, n_held, n_learning)
     per_class = cfg.starts_per_class or int(min(learn.per_class_counts()))
     chw = tuple(int(v) for v in x_learn.shape[1:])
-    check_exportable(model, x_d[:1])  # now, not after the ascent and the learning
     net = BoundedNetwork(model, x_d[:2])
     net.init_bounds(cfg.bound_init, x_d, cfg.batch_size, ceiling=cfg.bound_ceiling == "max")
     init = [b.detach().cpu().clone() for b in net.bounds()]  # the report reads them on the CPU
