@@ -118,22 +118,44 @@ def heldout_figures(
     }
 
 
+PROBABILITY_SUM_TOLERANCE = 1e-3
+
+
+def looks_like_probabilities(outputs: np.ndarray) -> bool:
+    """Whether a network's outputs [N, K] (K >= 2) are class probabilities rather than logits:
+    every value in [0, 1] and every row summing to 1 (within PROBABILITY_SUM_TOLERANCE), as a
+    network ending in a softmax returns. Log-probabilities are not flagged: their differences
+    are the logits' differences, which is all the margins use."""
+    z = np.asarray(outputs, dtype=np.float64)
+    if z.ndim != 2 or z.shape[1] < 2 or z.size == 0 or not np.isfinite(z).all():
+        return False
+    in_unit = bool(z.min() >= 0.0 and z.max() <= 1.0)
+    return in_unit and bool(np.all(np.abs(z.sum(axis=1) - 1.0) <= PROBABILITY_SUM_TOLERANCE))
+
+
 def clean_set_figures(
-    predicted: np.ndarray, labels: np.ndarray, num_classes: int
+    predicted: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    outputs: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """How the original network does on the whole clean set (learning and held-out images):
     its accuracy, and the class it predicts most often with the share of images it goes to (on
     a balanced set about 1 / num_classes for a network that works; most images in one class
-    points at mismatched preprocessing, or at a trigger in the clean set)."""
+    points at mismatched preprocessing, or at a trigger in the clean set). With its `outputs`
+    [N, K], also whether they are probabilities rather than logits (`looks_like_probabilities`)."""
     predicted, labels = np.asarray(predicted), np.asarray(labels)
     if predicted.shape != labels.shape or predicted.size == 0:
         raise ValueError(f"{predicted.size} predictions for {labels.size} labels")
     counts = np.bincount(predicted, minlength=num_classes)
     top = int(counts.argmax())
-    return {
+    figures: dict[str, Any] = {
         "images": int(labels.size),
         "accuracy_original": float(np.mean(predicted == labels)),
         "chance": 1.0 / num_classes,
         "most_predicted_class": top,
         "most_predicted_share": float(counts[top] / labels.size),
     }
+    if outputs is not None:
+        figures["outputs_are_probabilities"] = looks_like_probabilities(outputs)
+    return figures

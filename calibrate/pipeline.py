@@ -374,6 +374,7 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
                 np.concatenate([learn_logits.argmax(1).cpu().numpy(), g_held.argmax(1).numpy()]),
                 np.concatenate([learn.labels, held.labels]),
                 k,
+                np.concatenate([learn_logits.cpu().numpy(), g_held.numpy()]),
             ),
             "null": null_info,
             "clean_statistics": [float(v) for v in stats],

@@ -246,25 +246,35 @@ collapses the predictions onto one class, and so would a trigger already in the 
 def clean_set_advice(report: Mapping[str, Any]) -> str | None:
     """A warning when the original network does so badly on the clean set, or sends so much of
     it to one class, that the inputs are likely not what it was trained on (`LOW_ACCURACY_SHARE`,
-    `DOMINANT_SHARE`); None otherwise, and for a report without the clean-set figures."""
+    `DOMINANT_SHARE`), or when it returns probabilities instead of logits; None otherwise, and
+    for a report without the clean-set figures."""
     c = report.get("clean_set")
     if not c:
         return None
+    parts = []
+    if c.get("outputs_are_probabilities"):
+        parts.append(
+            "the model returns probabilities (every output in [0, 1], each row summing to 1), "
+            "not logits: margins between probabilities are squeezed into [-1, 1], and neither "
+            "the bounds nor the statistic work as designed on them; calibrate the network "
+            "without its final softmax"
+        )
     chance, acc, share = c["chance"], c["accuracy_original"], c["most_predicted_share"]
     low = acc < chance + LOW_ACCURACY_SHARE * (1.0 - chance)
     dominant = chance <= 1 / 3 and share >= DOMINANT_SHARE
-    if not (low or dominant):
-        return None
-    names = _class_names(report, _num_classes(report))
-    top = c["most_predicted_class"]
-    top_name = names[top] if 0 <= top < len(names) else str(top)
-    return (
-        f"the original network classifies {_pct(acc)} of the {c['images']} clean images "
-        f"correctly (chance {_pct(chance)}) and predicts {top_name} for {_pct(share)} of them: "
-        "check that --mean/--std, --image-size and the class order (the data's class names, "
-        "sorted as folder names sort) match how the model was trained, and that the clean "
-        "images carry no trigger; until then the calibration's figures describe the wrong inputs"
-    )
+    if low or dominant:
+        names = _class_names(report, _num_classes(report))
+        top = c["most_predicted_class"]
+        top_name = names[top] if 0 <= top < len(names) else str(top)
+        parts.append(
+            f"the original network classifies {_pct(acc)} of the {c['images']} clean images "
+            f"correctly (chance {_pct(chance)}) and predicts {top_name} for {_pct(share)} of "
+            "them: check that --mean/--std, --image-size and the class order (the data's class "
+            "names, sorted as folder names sort) match how the model was trained, and that the "
+            "clean images carry no trigger; until then the calibration's figures describe the "
+            "wrong inputs"
+        )
+    return "; and ".join(parts) if parts else None
 
 
 def _md_verdict(report: Mapping[str, Any]) -> list[str]:

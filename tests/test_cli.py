@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -418,3 +419,30 @@ def test_a_single_channel_model_from_grayscale_arrays(tmp_path: Path) -> None:
     assert tuple(art.input.shape) == (1, 16, 16)
     x = np.load(gray)["images"][:4, None].astype(np.float32) / 255
     assert GuardEngine(art, "cpu", threads=1).decide(x).label.shape == (4,)
+
+
+def softmax_cnn(num_classes: int = 4) -> nn.Module:
+    """The tiny example's network with a softmax at the end (the same weights load into it)."""
+    from calibrate.synthetic import SmallCNN
+
+    class SoftmaxCNN(SmallCNN):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x).softmax(dim=1)
+
+    return SoftmaxCNN(num_classes=num_classes)
+
+
+@pytest.mark.slow
+def test_a_model_that_returns_probabilities_is_warned_about(tmp_path: Path) -> None:
+    args = _tiny_args(tmp_path / "out", "--max-iters", "2", "--min-iters", "0",
+                      "--mmbd-steps", "3")  # fmt: skip
+    args[args.index("--factory") + 1] = "tests.test_cli:softmax_cnn"
+    code, stdout, err = run_cli(args)
+    assert code == 0, err
+    assert "warning: the model returns probabilities" in stdout
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["clean_set"]["outputs_are_probabilities"] is True
+    plain = _tiny_args(tmp_path / "plain", "--max-iters", "2", "--min-iters", "0",
+                       "--mmbd-steps", "3")  # fmt: skip
+    code, stdout, err = run_cli(plain)
+    assert code == 0 and "returns probabilities" not in stdout

@@ -244,6 +244,24 @@ def test_clean_set_figures_by_hand() -> None:
         clean_set_figures(np.array([0, 1]), np.array([0, 1, 1]), 2)
 
 
+def test_probabilities_are_told_from_logits() -> None:
+    from calibrate.evaluation import clean_set_figures, looks_like_probabilities
+
+    logits = np.array([[2.0, -1.0, 0.5], [0.1, 0.2, 0.3]])
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    assert looks_like_probabilities(probs)
+    assert not looks_like_probabilities(logits)
+    assert not looks_like_probabilities(np.log(probs))  # log-probabilities keep the margins
+    off = probs.copy()
+    off[0] *= 1.01  # a row summing to 1.01
+    assert not looks_like_probabilities(off)
+    assert not looks_like_probabilities(np.array([[1.0], [1.0]]))  # one class: nothing to tell
+    assert not looks_like_probabilities(np.array([[np.nan, 1.0]]))
+    got = clean_set_figures(probs.argmax(1), np.array([0, 2]), 3, probs)
+    assert got["outputs_are_probabilities"] is True
+    assert "outputs_are_probabilities" not in clean_set_figures(np.array([0]), np.array([0]), 3)
+
+
 def test_rate_upper_bound_known_values() -> None:
     from scipy.stats import binom
 
@@ -313,6 +331,16 @@ def test_clean_set_advice_near_chance_or_one_class(tmp_path: Path) -> None:
     report["model"]["num_classes"] = 2
     assert clean_set_advice(report) is None
     assert clean_set_advice(fake_report()) is None  # a report from before the check
+    # a softmax at the end: said whatever the accuracy, and beside the accuracy warning
+    working = _with_clean_set(0.9, 0.3)
+    working["clean_set"]["outputs_are_probabilities"] = True
+    probs = clean_set_advice(working)
+    assert probs is not None and probs.startswith("the model returns probabilities")
+    assert "without its final softmax" in probs and "classifies" not in probs
+    both = _with_clean_set(0.1, 0.9)
+    both["clean_set"]["outputs_are_probabilities"] = True
+    text = clean_set_advice(both)
+    assert text is not None and "final softmax; and the original network classifies" in text
     write_report(_with_clean_set(0.1, 0.9), tmp_path)
     head = (tmp_path / "report.md").read_text().split("**MM-BD:")[0]
     assert "**Warning: the original network classifies 10.00%" in head
