@@ -183,10 +183,12 @@ class SiteRatio(SiteRatios):
     ) -> None:
         if (clean_scale is None) == (inverse is None):
             raise ValueError("give SiteRatio clean scales or inverse-denominator rows, not both")
-        table = clean_scale if clean_scale is not None else inverse
-        assert table is not None and (table.dim() == 1 or inverse is not None)
+        if clean_scale is not None and clean_scale.dim() != 1:
+            raise ValueError(f"clean scales must be [C], got {tuple(clean_scale.shape)}")
         if inverse is not None and inverse.dim() != 2:
             raise ValueError(f"inverse-denominator rows must be [R, C], got {tuple(inverse.shape)}")
+        table = clean_scale if clean_scale is not None else inverse
+        assert table is not None
         super().__init__([[table]])
 
     def forward(  # type: ignore[override]
