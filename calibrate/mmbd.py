@@ -28,7 +28,13 @@ class Verdict:
             "p_value": self.p_value,
             "suspected": self.suspected,
             "alpha": self.alpha,
-            "gamma": {"shape": self.shape, "loc": self.loc, "scale": self.scale},
+            # no Gamma was fitted to a degenerate null (all other margins equal): null, not NaN,
+            # which the manifest's JSON refuses
+            "gamma": (
+                {"shape": self.shape, "loc": self.loc, "scale": self.scale}
+                if np.isfinite(self.shape)
+                else None
+            ),
         }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import warnings
 
@@ -123,6 +124,10 @@ def test_verdict_degenerate_rest_with_larger_max_is_suspected() -> None:
     assert v.suspected is True
     assert v.p_value == 0.0
     assert v.target == 2
+    # no Gamma was fitted: the manifest (strict JSON, no NaN) gets null, not NaN
+    assert v.to_dict()["gamma"] is None
+    json.dumps(v.to_dict(), allow_nan=False)
+    assert verdict(np.array([1.0, 2.5, 1.7, 4.0]) * 1.3).to_dict()["gamma"]["shape"] > 0
 
 
 def test_verdict_degenerate_relative_tolerance() -> None:
