@@ -156,13 +156,20 @@ def _build_factory(spec: str, num_classes: int) -> nn.Module:
             f"cannot import factory module {module_name!r} (is it on PYTHONPATH?): "
             f"{first_line(exc)}"
         ) from exc
+    except Exception as exc:  # the module's own code failed while it was imported
+        raise CalibrationError(
+            f"importing factory module {module_name!r} failed: {first_line(exc)}"
+        ) from exc
     for attr in attr_path.split("."):
         if not hasattr(obj, attr):
             raise CalibrationError(f"factory {spec!r}: {module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, attr)
     if not callable(obj):
         raise CalibrationError(f"factory {spec!r} is a {type(obj).__name__}, not a callable")
-    model = obj(num_classes=num_classes) if _accepts_num_classes(obj) else obj()
+    try:
+        model = obj(num_classes=num_classes) if _accepts_num_classes(obj) else obj()
+    except Exception as exc:  # user code: any failure is reported in one line
+        raise CalibrationError(f"factory {spec!r} failed: {first_line(exc)}") from exc
     if not isinstance(model, nn.Module):
         raise CalibrationError(
             f"factory {spec!r} returned {type(model).__name__}, expected a torch.nn.Module"

@@ -30,6 +30,11 @@ def make_not_module(num_classes: int) -> str:
     return f"{num_classes} classes"
 
 
+def make_failing(num_classes: int) -> nn.Module:
+    """A factory whose own code fails (user code raises anything)."""
+    return {"width": 3}["depth"]  # type: ignore[no-any-return]
+
+
 class TupleNet(nn.Module):
     """Returns (logits, features): not plain logits."""
 
@@ -202,6 +207,8 @@ def test_weights_inner_shape_mismatch(tmp_path: Path) -> None:
         ("tests.test_modelsrc:make_nett", ("no attribute", "'make_nett'")),
         ("tests.test_modelsrc:NOT_A_MODULE", ("not a callable", "int")),
         ("tests.test_modelsrc:make_not_module", ("returned str", "torch.nn.Module")),
+        ("tests.test_modelsrc:make_failing", ("factory", "failed", "KeyError: 'depth'")),
+        ("tests.failing_factory:make", ("importing factory module", "RuntimeError: no GPU")),
     ],
 )
 def test_factory_errors(tmp_path: Path, spec: str, parts: tuple[str, ...]) -> None:
