@@ -2,6 +2,9 @@
 
 Call sites are found by tracing with torch.fx, not by module type, so a ReLU module used three
 times, `F.relu`, `torch.relu`, `Tensor.relu`, in-place variants and ReLU6 each get their own bound.
+A network with no ReLU-type activation at all (EfficientNet's SiLU, for one) is bounded the same
+way after its other activations (SiLU, GELU, Hardswish, ...), where their channel axis is dim 1:
+an extension of SPEC 1, which is written for ReLU; `activation_kind` says which.
 """
 
 from __future__ import annotations
@@ -28,6 +31,17 @@ _RELU_FUNCTIONS = {
 _HARDTANH = {F.hardtanh, _aten.hardtanh.default, _aten.hardtanh_.default}
 _RELU_METHODS = {"relu", "relu_"}
 _RELU_MODULES = (nn.ReLU, nn.ReLU6)
+# Bounded only in a network without any ReLU-type activation (EfficientNet's SiLU, say), and
+# only on channels-first tensors: SPEC 1 is written for ReLU; the bound min(a, b) is the same
+_OTHER_MODULES = (nn.SiLU, nn.GELU, nn.Hardswish, nn.Mish, nn.LeakyReLU, nn.ELU, nn.CELU,
+                  nn.SELU)  # fmt: skip
+_OTHER_FUNCTIONS = {
+    F.silu, F.gelu, F.hardswish, F.mish, F.leaky_relu, F.elu, F.celu, F.selu,
+    _aten.silu.default, _aten.silu_.default, _aten.gelu.default, _aten.hardswish.default,
+    _aten.hardswish_.default, _aten.mish.default, _aten.leaky_relu.default, _aten.elu.default,
+}  # fmt: skip
+_OTHER_NAMES = "SiLU, GELU, Hardswish, Mish, LeakyReLU, ELU, CELU, SELU"
+_LINEAR = (nn.Linear,)
 
 
 class Normalized(nn.Module):
@@ -93,6 +107,34 @@ def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return False
 
 
+def _is_other_activation(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """One of the non-ReLU activations `_OTHER_MODULES` / `_OTHER_FUNCTIONS` (and the
+    `F.silu`-style tensor methods)."""
+    if node.op == "call_function":
+        return node.target in _OTHER_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in {"silu", "gelu", "hardswish"}
+    if node.op == "call_module":
+        return isinstance(modules.get(str(node.target)), _OTHER_MODULES)
+    return False
+
+
+def _channels_first(node: fx.Node, modules: dict[str, nn.Module], ndim: int) -> bool:
+    """Whether dim 1 of the activation `node` returns is its channel axis: a 2-D [N, C] tensor,
+    or a 4-D one not made by a Linear layer (which, on a 4-D tensor, works on the LAST axis,
+    as in ConvNeXt's channels-last blocks). 3-D tensors (a transformer's tokens) are not."""
+    if ndim == 2:
+        return True
+    if ndim != 4:
+        return False
+    src = node.args[0] if node.args else None
+    if not isinstance(src, fx.Node):
+        return True
+    if src.op == "call_module" and isinstance(modules.get(str(src.target)), _LINEAR):
+        return False
+    return not (src.op == "call_function" and src.target in (F.linear, torch.matmul))
+
+
 def _is_inplace(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
         return bool(getattr(modules.get(str(node.target)), "inplace", False))
@@ -139,8 +181,22 @@ class BoundedNetwork(nn.Module):
         modules = dict(gm.named_modules())
         sites: list[BoundSite] = []
         output_inputs = {n for n in gm.graph.nodes if n.op == "output"}
+        # ReLU-type call sites (SPEC 1); in a network with none, its other activations
+        relu_net = any(_is_relu(n, modules) for n in gm.graph.nodes)
+        self.activation_kind = "relu" if relu_net else "other"
+
+        def is_site(node: fx.Node) -> bool:
+            if relu_net:
+                return _is_relu(node, modules)
+            meta = node.meta.get("tensor_meta")
+            return (
+                _is_other_activation(node, modules)
+                and meta is not None
+                and _channels_first(node, modules, len(meta.shape))
+            )
+
         for node in list(gm.graph.nodes):
-            if not _is_relu(node, modules) or set(node.users) & output_inputs:
+            if not is_site(node) or set(node.users) & output_inputs:
                 continue  # the logit layer is never bounded
             meta = node.meta.get("tensor_meta")
             if meta is None or len(meta.shape) < 2:
@@ -160,8 +216,9 @@ class BoundedNetwork(nn.Module):
             sites.append(BoundSite(name, node.name, kind, int(meta.shape[1])))
         if not sites:
             raise CalibrationError(
-                "the model has no ReLU-type activation (nn.ReLU, nn.ReLU6, F.relu, torch.relu) "
-                "to bound: MMAC/MMOM need one"
+                "the model has no activation to bound: no ReLU-type one (nn.ReLU, nn.ReLU6, "
+                f"F.relu, torch.relu) and none of {_OTHER_NAMES} on a channels-first tensor "
+                "(a transformer's tokens and channels-last blocks have their channels last)"
             )
         gm.graph.lint()
         gm.recompile()

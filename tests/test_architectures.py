@@ -1,8 +1,8 @@
 """`mmguard calibrate` end to end on torchvision architectures other than the ResNets the
 benchmarks use (random weights, random images: this checks the machinery, not the defence):
 the bounded network, the range detector's ratios and the export verification hold on
-inverted residuals with ReLU6 and on channel split and shuffle, and the guard serves the
-artifact."""
+inverted residuals with ReLU6, on channel split and shuffle, and on EfficientNet's SiLU (a
+network without ReLU, bounded after its other activations), and the guard serves the artifact."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torchvision
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("torch_one_thread")]
 
 
-@pytest.mark.parametrize("arch", ["mobilenet_v2", "shufflenet_v2_x0_5"])
+@pytest.mark.parametrize("arch", ["mobilenet_v2", "shufflenet_v2_x0_5", "efficientnet_b0"])
 def test_calibrate_and_serve_a_torchvision_architecture(arch: str, tmp_path: Path) -> None:
     from guard.artifact import load_artifact
     from guard.cli import main

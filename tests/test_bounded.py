@@ -507,3 +507,71 @@ def test_random_starts_shape_and_order() -> None:
 def test_ascent_settings_reject(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         AscentSettings(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# a network without ReLU: its other activations are bounded, where dim 1 is the channel axis
+
+
+class SiluNet(nn.Module):
+    """EfficientNet-like: SiLU after convolutions and after a hidden linear layer, a GELU too,
+    and a sigmoid gate (not an activation to bound)."""
+
+    def __init__(self, relu_too: bool = False) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 5, 3, padding=1)
+        self.act = nn.SiLU()
+        self.fc1, self.fc2 = nn.Linear(5, 6), nn.Linear(6, 3)
+        self.relu_too = relu_too
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.c1(x))  # site: conv, 4
+        x = F.gelu(self.c2(x)) * torch.sigmoid(x.mean(1, keepdim=True))  # site: conv, 5
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        h = self.fc1(x)
+        h = torch.relu(h) if self.relu_too else F.silu(h)  # site: linear, 6
+        return self.fc2(h)
+
+
+def test_a_network_without_relu_bounds_its_other_activations() -> None:
+    torch.manual_seed(0)
+    model = SiluNet().eval()
+    x = torch.rand(3, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+    bn = BoundedNetwork(model, x)
+    assert bn.activation_kind == "other"
+    assert [(s.kind, s.channels) for s in bn.sites] == [("conv", 4), ("conv", 5), ("linear", 6)]
+    with torch.no_grad():
+        assert torch.equal(bn(x), ref)  # +inf bounds: exactly the original
+        bn.init_bounds("max", x)
+        assert torch.equal(bn(x), ref)  # at the clean maxima: still the original on them
+        for b in bn.bounds():
+            b.mul_(0.5)
+        assert not torch.allclose(bn(x), ref)  # and the bounds bite
+    # with any ReLU in the network, SPEC 1 holds: only the ReLU sites are bounded
+    mixed = BoundedNetwork(SiluNet(relu_too=True).eval(), x)
+    assert mixed.activation_kind == "relu" and [s.channels for s in mixed.sites] == [6]
+
+
+class ChannelsLast(nn.Module):
+    """ConvNeXt-style: a GELU between Linear layers on a channels-last map, and a transformer's
+    tokens [N, T, C]: no activation there has its channels on dim 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 2, stride=2)
+        self.up, self.down = nn.Linear(4, 8), nn.Linear(8, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x).permute(0, 2, 3, 1)  # [N, H, W, C]
+        x = self.down(F.gelu(self.up(x)))
+        tokens = x.flatten(1, 2)  # [N, T, C]
+        tokens = F.gelu(tokens)
+        return self.head(tokens.mean(1))
+
+
+def test_activations_with_their_channels_last_are_refused_by_name() -> None:
+    with pytest.raises(CalibrationError, match=r"no activation to bound.*channels-first"):
+        BoundedNetwork(ChannelsLast().eval(), torch.rand(2, 3, 8, 8))
