@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 DEFAULT_BATCH = 256
 STRIP_POOL_MIN = BLENDS + 1
 """Images a STRIP pool needs: each pool image is blended with BLENDS others for the threshold."""
+STRIP_LIMIT = 1000
+"""Clean and triggered inputs STRIP scores at most, each (as the benchmark's STRIP_SCORED)."""
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -83,6 +85,13 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "STRIP's threshold is set on; never the --clean images (e.g. the calibration set)",
     )
     p.add_argument("--strip-seed", type=int, default=0, help="of STRIP's draws from the pool")
+    p.add_argument(
+        "--strip-limit",
+        type=int,
+        default=STRIP_LIMIT,
+        help="STRIP scores at most this many clean and this many triggered inputs, drawn at "
+        f"random when there are more (default {STRIP_LIMIT}; each costs {BLENDS + 1} passes)",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: its default)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
@@ -99,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
             raise CalibrationError(f"--batch-size must be at least 1, got {args.batch_size}")
         if args.threads < 0:
             raise CalibrationError(f"--threads must be 0 or more, got {args.threads}")
+        if args.strip_limit < 1:
+            raise CalibrationError(f"--strip-limit must be at least 1, got {args.strip_limit}")
         if args.alpha is not None and not 0.0 < args.alpha < 1.0:
             raise CalibrationError(f"--alpha must be in (0, 1), got {args.alpha}")
         if args.out is not None and args.out.exists() and not args.out.is_dir():
@@ -113,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         art = load_artifact(args.artifact)
         result, scores = evaluate(
             art, args.clean, args.triggered, args.target, args.device, args.threads,
-            args.batch_size, args.alpha, args.strip_pool, args.strip_seed,
+            args.batch_size, args.alpha, args.strip_pool, args.strip_seed, args.strip_limit,
         )  # fmt: skip
     except (CalibrationError, ArtifactError, EngineError) as exc:
         print(f"mmguard evaluate: error: {exc}", file=sys.stderr)
@@ -225,6 +236,7 @@ def evaluate(
     alpha: float | None = None,
     strip_pool: Path | None = None,
     strip_seed: int = 0,
+    strip_limit: int = STRIP_LIMIT,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The figures (as evaluation.json holds them) and the per-input scores behind the plot;
     `alpha` replaces the manifest's level, as `mmguard serve --alpha` does. With `strip_pool`,
@@ -294,7 +306,7 @@ def evaluate(
     }
     if pool is not None:
         result["strip"], h_clean, h_trig = strip_figures(
-            engine, pool, clean.images, tx, attacker, alpha, strip_seed, batch_size
+            engine, pool, clean.images, tx, attacker, alpha, strip_seed, batch_size, strip_limit
         )
         scores["strip_clean"], scores["strip_trig"] = -h_clean, -h_trig  # higher: suspicious
     return result, scores
@@ -309,13 +321,15 @@ def strip_figures(
     alpha: float,
     seed: int = 0,
     batch_size: int = DEFAULT_BATCH,
+    limit: int = STRIP_LIMIT,
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """STRIP on the clean images `x` and the triggered `tx` (the attacker's classes `attacker`),
     with the original network alone: each input blended with `strip.BLENDS` pool
     images; flagged when its entropy is below the threshold that flags a fraction `alpha` of
     the pool's own (each pool image blended with the others). STRIP corrects nothing: its attack
-    success counts triggered inputs it lets through that reach the attacker's class. Returns the
-    figures and the clean and triggered entropies."""
+    success counts triggered inputs it lets through that reach the attacker's class. At most
+    `limit` clean and `limit` triggered inputs are scored (a seeded random subset of each when
+    there are more). Returns the figures and the clean and triggered entropies."""
     from calibrate import strip
     from calibrate.scoring import auroc
 
@@ -325,6 +339,11 @@ def strip_figures(
         )
 
     rng = np.random.default_rng(seed)
+    if len(x) > limit:
+        x = x[np.sort(rng.choice(len(x), limit, replace=False))]
+    if len(tx) > limit:
+        keep = np.sort(rng.choice(len(tx), limit, replace=False))
+        tx, attacker = tx[keep], attacker[keep]
     h_pool = strip.strip_scores(logits, pool, pool, rng, exclude_self=True)
     threshold = strip.low_tail_threshold(h_pool, alpha)
     h_clean = strip.strip_scores(logits, x, pool, rng)
@@ -333,6 +352,8 @@ def strip_figures(
     reach = logits(tx).argmax(1) == attacker
     figures = {
         "pool_images": len(pool),
+        "clean_scored": len(x),
+        "triggered_scored": len(tx),
         "blends": strip.BLENDS,
         "threshold_entropy_bits": threshold,
         "fpr": float(np.mean(h_clean < threshold)),
@@ -384,7 +405,8 @@ def markdown(r: dict[str, Any]) -> str:
             "",
             f"## Beside STRIP ({st['blends']} blends per input with {st['pool_images']} pool "
             f"images; threshold {st['threshold_entropy_bits']:.4f} bits, set on the pool to flag "
-            f"{r['alpha']:g} of it)",
+            f"{r['alpha']:g} of it; STRIP scored on {st['clean_scored']} clean and "
+            f"{st['triggered_scored']} triggered inputs)",
             "",
             "| | guard | STRIP |",
             "|---|---|---|",

@@ -228,6 +228,7 @@ def test_strip_beside_the_guard_on_the_same_inputs(
     assert st["asr_flagged_rejected"] == pytest.approx(np.mean(reach & (h_trig >= threshold)))
     assert 0.0 <= st["auroc"] <= 1.0
     assert "## Beside STRIP (64 blends per input with 70 pool images" in out
+    assert (st["clean_scored"], st["triggered_scored"]) == (50, 90)
     assert (tmp_path / "eval" / "evaluation.png").stat().st_size > 0
     # refused: the pool as the scored clean images, and a pool too small for 64 blends
     poisoned = str(TINY / "poisoned.npz")
@@ -238,3 +239,19 @@ def test_strip_beside_the_guard_on_the_same_inputs(
     err = _bad(artifact_dir, "--triggered", poisoned, "--target", "0",
                "--strip-pool", str(tmp_path / "small.npz"))  # fmt: skip
     assert "has 64 images; it needs at least 65" in err
+    err = _bad(artifact_dir, "--triggered", poisoned, "--target", "0",
+               "--strip-pool", str(tmp_path / "pool.npz"), "--strip-limit", "0")  # fmt: skip
+    assert "--strip-limit must be at least 1" in err
+    # at most --strip-limit inputs of each kind, drawn at random
+    code, out, err = run_cli(
+        [
+            "evaluate", "--artifact", str(artifact_dir), "--clean", str(tmp_path / "test.npz"),
+            "--triggered", poisoned, "--target", "stripes_h", "--threads", "1",
+            "--strip-pool", str(tmp_path / "pool.npz"), "--strip-limit", "20",
+            "--out", str(tmp_path / "limited"),
+        ]
+    )  # fmt: skip
+    assert code == 0, err
+    limited = json.loads((tmp_path / "limited" / "evaluation.json").read_text())
+    assert (limited["strip"]["clean_scored"], limited["strip"]["triggered_scored"]) == (20, 20)
+    assert limited["clean_images"] == 50  # the guard's own figures use every input
