@@ -74,12 +74,15 @@ def load_model(src: ModelSource, num_classes: int) -> nn.Module:
         model = _load_torchscript(src.torchscript)
     else:
         assert src.weights is not None  # guaranteed by ModelSource.__post_init__
+        state = None
         if src.arch is not None:
-            model = _build_arch(src.arch, num_classes, _arch_options(src.arch, src.weights))
+            if src.arch in _AUX_HEADS:  # the weights decide how it is built: read them once
+                state = _read_state_dict(src.weights)
+            model = _build_arch(src.arch, num_classes, _arch_options(src.arch, state))
         else:
             assert src.factory is not None
             model = _build_factory(src.factory, num_classes)
-        _load_weights(model, src.weights, num_classes)
+        _load_weights(model, src.weights, num_classes, state)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -116,13 +119,14 @@ state-dict prefixes of those heads. Weights saved without them (the heads are dr
 training, as torchvision's own pretrained ones are) load into the model built without them."""
 
 
-def _arch_options(name: str, weights: Path) -> dict[str, Any]:
-    """Builder options that the weights decide: `aux_logits=False` for an architecture with
-    auxiliary heads (`_AUX_HEADS`) whose weights hold none; `init_weights=False` for those two,
-    whose random initialisation is slow and is overwritten by the weights anyway."""
-    if name not in _AUX_HEADS:
+def _arch_options(name: str, state: Mapping[str, torch.Tensor] | None) -> dict[str, Any]:
+    """Builder options that the weights' `state` decides: `aux_logits=False` for an
+    architecture with auxiliary heads (`_AUX_HEADS`) whose weights hold none; `init_weights=False`
+    for those two, whose random initialisation is slow and is overwritten by the weights anyway.
+    None for any other architecture."""
+    if name not in _AUX_HEADS or state is None:
         return {}
-    has_aux = any(k.startswith(_AUX_HEADS[name]) for k in _read_state_dict(weights))
+    has_aux = any(k.startswith(_AUX_HEADS[name]) for k in state)
     return {"aux_logits": has_aux, "init_weights": False}
 
 
@@ -257,9 +261,16 @@ def _strip_module_prefix(module_key: str, prefix: str) -> str:
     return module_key[len(prefix) :] if module_key.startswith(prefix) else module_key
 
 
-def _load_weights(model: nn.Module, path: Path, num_classes: int) -> None:
-    """Strictly load `path` into `model`, explaining any mismatch in one line."""
-    state = _read_state_dict(path)
+def _load_weights(
+    model: nn.Module,
+    path: Path,
+    num_classes: int,
+    state: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    """Strictly load `path` into `model` (its `state`, when already read), explaining any
+    mismatch in one line."""
+    if state is None:
+        state = _read_state_dict(path)
     expected = model.state_dict()
     problem = _describe_mismatch(state, expected, model, num_classes)
     if problem:
