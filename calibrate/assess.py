@@ -306,8 +306,9 @@ def evaluate(
     }
     if pool is not None:
         result["strip"], h_clean, h_trig = strip_figures(
-            engine, pool, clean.images, tx, attacker, alpha, strip_seed, batch_size, strip_limit
-        )
+            engine, pool, clean.images, tx, tg.argmax(1) == attacker, alpha, strip_seed,
+            batch_size, strip_limit,
+        )  # fmt: skip
         scores["strip_clean"], scores["strip_trig"] = -h_clean, -h_trig  # higher: suspicious
     return result, scores
 
@@ -317,14 +318,15 @@ def strip_figures(
     pool: np.ndarray,
     x: np.ndarray,
     tx: np.ndarray,
-    attacker: np.ndarray,
+    reach: np.ndarray,
     alpha: float,
     seed: int = 0,
     batch_size: int = DEFAULT_BATCH,
     limit: int = STRIP_LIMIT,
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    """STRIP on the clean images `x` and the triggered `tx` (the attacker's classes `attacker`),
-    with the original network alone: each input blended with `strip.BLENDS` pool
+    """STRIP on the clean images `x` and the triggered `tx` (`reach`: where the original network
+    gives the attacker's class, as `evaluate` already computed it), with the original network
+    alone: each input blended with `strip.BLENDS` pool
     images; flagged when its entropy is below the threshold that flags a fraction `alpha` of
     the pool's own (each pool image blended with the others). STRIP corrects nothing: its attack
     success counts triggered inputs it lets through that reach the attacker's class. At most
@@ -343,13 +345,12 @@ def strip_figures(
         x = x[np.sort(rng.choice(len(x), limit, replace=False))]
     if len(tx) > limit:
         keep = np.sort(rng.choice(len(tx), limit, replace=False))
-        tx, attacker = tx[keep], attacker[keep]
+        tx, reach = tx[keep], reach[keep]
     h_pool = strip.strip_scores(logits, pool, pool, rng, exclude_self=True)
     threshold = strip.low_tail_threshold(h_pool, alpha)
     h_clean = strip.strip_scores(logits, x, pool, rng)
     h_trig = strip.strip_scores(logits, tx, pool, rng)
     flagged_trig = h_trig < threshold
-    reach = logits(tx).argmax(1) == attacker
     figures = {
         "pool_images": len(pool),
         "clean_scored": len(x),
