@@ -356,6 +356,7 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
         }
         null_info = _null_info(null, stats, cfg)
         bounds = _bound_summary(net, init)
+        clean_logits = np.concatenate([learn_logits.cpu().numpy(), g_held.numpy()])
         report = {
             "schema_version": 1,
             "model_name": job.name,
@@ -371,10 +372,7 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
             "split": split,
             "heldout": figures,
             "clean_set": clean_set_figures(
-                np.concatenate([learn_logits.argmax(1).cpu().numpy(), g_held.argmax(1).numpy()]),
-                np.concatenate([learn.labels, held.labels]),
-                k,
-                np.concatenate([learn_logits.cpu().numpy(), g_held.numpy()]),
+                clean_logits.argmax(1), np.concatenate([learn.labels, held.labels]), k, clean_logits
             ),
             "null": null_info,
             "clean_statistics": [float(v) for v in stats],
