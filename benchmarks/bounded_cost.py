@@ -129,15 +129,14 @@ def build(width: int, seed: int, zero_fraction: float, out_dir: Path) -> tuple[d
 def session(path: Path, threads: int) -> Any:
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.intra_op_num_threads = threads
+    from guard.engine import session_options
+
+    # the guard's options: a pool left spinning after one graph's run would steal the cores
+    # from the next graph timed, and the interleaved rounds would measure that instead
+    opts = session_options(threads)
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # as in the guard (guard.engine): a pool left spinning after one graph's run would steal the
-    # cores from the next graph timed, and the interleaved rounds would measure that instead
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 

@@ -39,12 +39,9 @@ def graphs(art: Any) -> dict[str, Any]:
 def session(model: Any, device: str, threads: int, *, fallback: bool = True) -> Any:
     import onnxruntime as ort
 
-    from guard.engine import with_options
+    from guard.engine import session_options, with_options
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.intra_op_num_threads = threads
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts = session_options(threads)
     if not fallback:
         opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     providers = [CPU] if device == "cpu" else [CUDA, CPU] if fallback else [CUDA]

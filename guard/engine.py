@@ -54,6 +54,22 @@ CIFAR ResNet-18 TF32 made no consistent difference to a network's time on the H2
 0.80 ms at batch 32 either way); a large model may lose some speed (docs/SERVING.md)."""
 
 
+def session_options(threads: int = 0) -> Any:
+    """The guard's onnxruntime session options: quiet, `threads` intra-op threads (0: the
+    default), and a thread pool that does not spin. The guard's sessions run back to back on
+    the same cores, and a pool left spinning after one run steals the cores from the other
+    (measured: both networks cost 2.9x one with spinning on, 2.0x with it off, at batch 32 on
+    2 cores); the benchmarks that time networks side by side use the same options."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads > 0:
+        opts.intra_op_num_threads = threads
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
+
+
 def with_options(providers: list[str]) -> list[Any]:
     """`providers` as onnxruntime takes them, CUDA with CUDA_OPTIONS."""
     return [(p, dict(CUDA_OPTIONS)) if p == CUDA else p for p in providers]
@@ -108,14 +124,7 @@ class GuardEngine:
 
         self.artifact = artifact
         providers = choose_providers(device, ort.get_available_providers())
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads > 0:
-            opts.intra_op_num_threads = threads
-        # The sessions run back to back on the same cores: a pool left spinning after one run
-        # steals the cores from the other (measured: both networks cost 2.9x one with spinning
-        # on, 2.0x with it off, at batch 32 on 2 cores).
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts = session_options(threads)
         self.original_only = original_only
         if original_only:
             plain = None if artifact.range_output is None else [artifact.output_name]
