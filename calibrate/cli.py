@@ -83,6 +83,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     g.add_argument("--factory", help="package.module:callable returning an nn.Module")
     src.add_argument("--weights", type=Path, help="state_dict file for --arch or --factory")
     src.add_argument(
+        "--weights-key",
+        help="the entry of a checkpoint dict that holds the model's state_dict, where it holds "
+        "several (found by itself otherwise)",
+    )
+    src.add_argument(
         "--mean", type=_floats, help="input normalisation mean, e.g. 0.485,0.456,0.406"
     )
     src.add_argument("--std", type=_floats, help="input normalisation std (with --mean)")
@@ -266,6 +271,7 @@ def run(args: argparse.Namespace) -> int:
                 weights=args.weights,
                 torchscript=args.torchscript,
                 factory=args.factory,
+                weights_key=args.weights_key,
             ),
             data=args.data,
             out=args.out,

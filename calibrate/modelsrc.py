@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 import torchvision
@@ -46,6 +46,7 @@ class ModelSource:
     weights: Path | None = None
     torchscript: Path | None = None
     factory: str | None = None
+    weights_key: str | None = None
 
     def __post_init__(self) -> None:
         chosen = [n for n in ("arch", "torchscript", "factory") if getattr(self, n) is not None]
@@ -60,6 +61,8 @@ class ModelSource:
             )
         if self.torchscript is None and self.weights is None:
             raise CalibrationError(f"weights (a state_dict file) are required with {chosen[0]}")
+        if self.weights_key is not None and self.weights is None:
+            raise CalibrationError("a weights key needs a weights file")
 
 
 def load_model(src: ModelSource, num_classes: int) -> nn.Module:
@@ -77,12 +80,12 @@ def load_model(src: ModelSource, num_classes: int) -> nn.Module:
         state = None
         if src.arch is not None:
             if src.arch in _AUX_HEADS:  # the weights decide how it is built: read them once
-                state = _read_state_dict(src.weights)
+                state = _read_state_dict(src.weights, src.weights_key)
             model = _build_arch(src.arch, num_classes, _arch_options(src.arch, state))
         else:
             assert src.factory is not None
             model = _build_factory(src.factory, num_classes)
-        _load_weights(model, src.weights, num_classes, state)
+        _load_weights(model, src.weights, num_classes, state, src.weights_key)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -212,8 +215,45 @@ def _load_torchscript(path: Path) -> nn.Module:
     return model
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read a tensors-only checkpoint, unwrapping the usual trainer wrappers and prefixes."""
+def _is_state_dict(obj: object) -> TypeGuard[Mapping[str, torch.Tensor]]:
+    return isinstance(obj, Mapping) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    )
+
+
+def _unwrap_checkpoint(obj: object, path: Path, key: str | None) -> object:
+    """The model's state_dict inside a trainer's checkpoint dict: the entry `key` when given;
+    else the first of `_WRAPPER_KEYS` present; else the one entry that is a dict of tensors
+    (WaNet's reference code saves the classifier as "netC" beside its optimiser, scheduler and
+    warping grids). Several such entries (a generator beside the classifier) need `key`."""
+    if not isinstance(obj, Mapping):
+        if key is not None:
+            raise CalibrationError(f"--weights-key {key!r}: weights {path} is not a dict")
+        return obj
+    candidates = [k for k, v in obj.items() if isinstance(v, Mapping) and v and _is_state_dict(v)]
+    if key is not None:
+        if key not in obj:
+            named = ", ".join(map(str, candidates)) or "none"
+            raise CalibrationError(
+                f"--weights-key {key!r} is not in weights {path} (its dicts of tensors: {named})"
+            )
+        return obj[key]
+    if _is_state_dict(obj):
+        return obj
+    for wrapper in _WRAPPER_KEYS:
+        if isinstance(obj.get(wrapper), Mapping):
+            return obj[wrapper]
+    if len(candidates) > 1:
+        raise CalibrationError(
+            f"weights {path} holds {len(candidates)} state_dicts "
+            f"({', '.join(map(str, candidates))}): name the model's with --weights-key"
+        )
+    return obj[candidates[0]] if candidates else obj
+
+
+def _read_state_dict(path: Path, key: str | None = None) -> dict[str, torch.Tensor]:
+    """Read a tensors-only checkpoint, unwrapping the usual trainer wrappers and prefixes
+    (`key`: the checkpoint entry that holds the model's state_dict, `_unwrap_checkpoint`)."""
     if not Path(path).is_file():
         raise CalibrationError(f"weights file not found: {path}")
     try:
@@ -225,14 +265,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise CalibrationError(
             f"cannot load weights {path}: it must be a state_dict saved with torch.save ({detail})"
         ) from exc
-    if isinstance(obj, Mapping):
-        for key in _WRAPPER_KEYS:
-            if isinstance(obj.get(key), Mapping):
-                obj = obj[key]
-                break
-    if not isinstance(obj, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
-    ):
+    obj = _unwrap_checkpoint(obj, path, key)
+    if not _is_state_dict(obj):
         found = f"keys {sorted(map(str, obj))[:5]}" if isinstance(obj, Mapping) else "no dict"
         raise CalibrationError(
             f"weights {path} is not a state_dict of tensors ({type(obj).__name__}, {found}); "
@@ -266,11 +300,12 @@ def _load_weights(
     path: Path,
     num_classes: int,
     state: Mapping[str, torch.Tensor] | None = None,
+    key: str | None = None,
 ) -> None:
-    """Strictly load `path` into `model` (its `state`, when already read), explaining any
-    mismatch in one line."""
+    """Strictly load `path` (its entry `key`) into `model` (its `state`, when already read),
+    explaining any mismatch in one line."""
     if state is None:
-        state = _read_state_dict(path)
+        state = _read_state_dict(path, key)
     expected = model.state_dict()
     problem = _describe_mismatch(state, expected, model, num_classes)
     if problem:

@@ -64,6 +64,7 @@ def resnet_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ({"arch": "resnet18"}, ("weights", "arch")),
         ({"factory": FACTORY}, ("weights", "factory")),
         ({"torchscript": Path("m.pt"), "weights": Path("w.pt")}, ("torchscript",)),
+        ({"torchscript": Path("m.pt"), "weights_key": "netC"}, ("weights key",)),
     ],
 )
 def test_model_source_validation(kwargs: dict[str, object], parts: tuple[str, ...]) -> None:
@@ -110,6 +111,57 @@ def test_factory_with_wrapped_weights(tmp_path: Path, wrapper: str | None) -> No
     assert loaded.keys() == saved.keys()
     assert all(torch.equal(loaded[k], saved[k]) for k in saved)
     assert count_output_classes(model, (3, 4, 4)) == 5
+
+
+def _wanet_checkpoint(net: nn.Module, generator: nn.Module | None = None) -> dict:
+    """A checkpoint as WaNet's reference code writes it (the input-aware attack's code adds
+    its trigger generator, netG, beside the classifier)."""
+    payload = {
+        "netC": net.state_dict(),
+        "optimizerC": {"state": {}, "param_groups": [{"lr": 0.01, "params": [0, 1]}]},
+        "schedulerC": {"milestones": {100: 1}, "last_epoch": 3},
+        "best_clean_acc": torch.tensor(0.93),
+        "epoch_current": 3,
+        "identity_grid": torch.zeros(1, 4, 4, 2),
+        "noise_grid": torch.zeros(1, 4, 4, 2),
+    }
+    if generator is not None:
+        payload["netG"] = generator.state_dict()
+    return payload
+
+
+def test_the_one_state_dict_in_a_trainer_checkpoint_is_found(tmp_path: Path) -> None:
+    net = make_net(5)
+    path = _save(_wanet_checkpoint(net), tmp_path / "w.pt")
+    model = load_model(ModelSource(factory=FACTORY, weights=path), 5)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in net.state_dict().items())
+    # named, it is taken as named
+    model = load_model(ModelSource(factory=FACTORY, weights=path, weights_key="netC"), 5)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in net.state_dict().items())
+
+
+def test_several_state_dicts_in_a_checkpoint_need_the_key(tmp_path: Path) -> None:
+    net, generator = make_net(5), nn.Sequential(nn.Conv2d(3, 3, 1))
+    path = _save(_wanet_checkpoint(net, generator), tmp_path / "w.pt")
+    _error(
+        lambda: load_model(ModelSource(factory=FACTORY, weights=path), 5),
+        "holds 2 state_dicts", "netC, netG", "--weights-key",
+    )  # fmt: skip
+    model = load_model(ModelSource(factory=FACTORY, weights=path, weights_key="netC"), 5)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in net.state_dict().items())
+    _error(
+        lambda: load_model(ModelSource(factory=FACTORY, weights=path, weights_key="netX"), 5),
+        "'netX' is not in", "netC, netG",
+    )  # fmt: skip
+    _error(  # the generator's weights: the usual mismatch message
+        lambda: load_model(ModelSource(factory=FACTORY, weights=path, weights_key="netG"), 5),
+        "do not match the model",
+    )  # fmt: skip
+    plain = _save(net.state_dict(), tmp_path / "plain.pt")
+    _error(
+        lambda: load_model(ModelSource(factory=FACTORY, weights=plain, weights_key="netC"), 5),
+        "'netC' is not in",
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("wrapped", [False, True])
