@@ -66,15 +66,24 @@ def maximize_margins(
     targets: torch.Tensor,
     settings: AscentSettings,
     on_step: Callable[[], None] | None = None,
+    batch_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ascend every start's own-class margin at once, as one batch (each row is independent:
     BatchNorm is in eval mode), clamping to [0,1] after each step. Returns the points and their
     final margins.
 
+    batch_size: the forward/backward passes of a step run over chunks of at most this many
+    points, their gradients accumulated before the one optimiser step, so memory does not grow
+    with the number of points (K classes times the starts per class: 3,000 for a 100-class
+    model). Each row's gradient is its own margin's and Adam's update is elementwise, so the
+    result does not depend on it. None: one chunk.
+
     With ``rel_tol`` each class stops on its own, once its summed margin changes by less than
     that fraction in a step (SPEC 5 runs one ascent per class); its points are then left where
     they are and drop out of the batch. One rule over the whole batch would let classes with
     large margins end the ascent of a class that is still climbing."""
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"ascent batch_size must be >= 1, got {batch_size}")
     x = x0.detach().clone().requires_grad_(True)
     opt = ascent_optimizer(x, settings)
     active = torch.ones(len(x), dtype=torch.bool, device=x.device)
@@ -84,8 +93,7 @@ def maximize_margins(
         if rows.numel() == 0:
             break
         opt.zero_grad(set_to_none=True)
-        m = margins(net(x[rows] if rows.numel() < len(x) else x), targets[rows])
-        m.sum().backward()
+        m = _margins_backward(net, x, targets, rows, batch_size)
         with torch.no_grad():
             settled = x[~active].clone()
             opt.step()
@@ -94,10 +102,36 @@ def maximize_margins(
         if on_step is not None:
             on_step()
         if settings.rel_tol > 0:
-            _settle_classes(m.detach(), targets, rows, active, previous, settings.rel_tol)
+            _settle_classes(m, targets, rows, active, previous, settings.rel_tol)
     with torch.no_grad():
-        final = margins(net(x), targets)
+        size = batch_size or max(len(x), 1)
+        final = torch.cat(
+            [margins(net(x[i : i + size]), targets[i : i + size]) for i in range(0, len(x), size)]
+        )
     return x.detach(), final.detach()
+
+
+def _margins_backward(
+    net: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    rows: torch.Tensor,
+    batch_size: int | None,
+) -> torch.Tensor:
+    """The margins of x[rows] (detached), their sum's gradient accumulated into x.grad over
+    chunks of at most batch_size rows."""
+    size = batch_size or rows.numel()
+    if rows.numel() == len(x) and size >= len(x):  # every row, one chunk: no copy of x
+        m = margins(net(x), targets)
+        m.sum().backward()
+        return m.detach()
+    parts = []
+    for i in range(0, rows.numel(), size):
+        part = rows[i : i + size]
+        m = margins(net(x[part]), targets[part])
+        m.sum().backward()
+        parts.append(m.detach())
+    return torch.cat(parts)
 
 
 def _settle_classes(

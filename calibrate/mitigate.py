@@ -79,6 +79,7 @@ def learn_bounds(
     points already ascended (class-major), used instead of the cold ascent.
     """
     sched = cfg.schedule
+    bs = cfg.batch_size
     started = time.perf_counter()
     gen = torch.Generator().manual_seed(cfg.seed)
     chw = tuple(images.shape[1:])
@@ -111,7 +112,7 @@ def learn_bounds(
         x_max, k_max = initial_maxima[0].detach().clone(), initial_maxima[1]
     else:
         x_max, k_max = random_starts(num_classes, per_class, chw, gen, images.device)
-        x_max, _ = maximize_margins(source, x_max, k_max, cold)
+        x_max, _ = maximize_margins(source, x_max, k_max, cold, batch_size=bs)
     x_max.requires_grad_(fused)
     opt_x = ascent_optimizer(x_max, warm) if fused else None
     previous = float("nan")
@@ -120,10 +121,10 @@ def learn_bounds(
     for it in range(1, sched.max_iters + sched.overtime_iters + 1):
         if sched.mm_source == "bounded" and warm.steps:
             with torch.no_grad():
-                x_max.copy_(maximize_margins(net, x_max, k_max, warm)[0])
+                x_max.copy_(maximize_margins(net, x_max, k_max, warm, batch_size=bs)[0])
         elif sched.mm_source == "original" and (it - 1) % sched.redraw_every == 0 and it > 1:
             x_max, k_max = random_starts(num_classes, per_class, chw, gen, images.device)
-            x_max, _ = maximize_margins(original, x_max, k_max, cold)
+            x_max, _ = maximize_margins(original, x_max, k_max, cold, batch_size=bs)
         if opt_x is not None:
             opt_x.zero_grad(set_to_none=True)
         measured = [b.detach().clone() for b in net.bounds()] if cfg.objective == "mmac" else []

@@ -179,7 +179,9 @@ def _max_margins(
     """r_k: the best margin over the starts of class k after at most `steps` ascent steps,
     each class stopping once its summed margin changes by less than 1e-5 relatively (SPEC 5).
     Also returns the final points."""
-    x, m = maximize_margins(net, *starts, mmbd_ascent(cfg, steps), on_step=progress.tick)
+    x, m = maximize_margins(
+        net, *starts, mmbd_ascent(cfg, steps), on_step=progress.tick, batch_size=cfg.batch_size
+    )
     return m.view(k, -1).amax(dim=1).cpu().numpy().astype(np.float64), x
 
 
@@ -199,7 +201,9 @@ def original_maxima(
     starts = random_starts(k, n, chw, gen, device=device_of(model))
     with Progress("MM-BD max margins", cfg.mmbd_steps, quiet) as bar:
         settings = mmbd_ascent(cfg, cfg.mmbd_steps)
-        x, m = maximize_margins(model, *starts, settings, on_step=bar.tick)
+        x, m = maximize_margins(
+            model, *starts, settings, on_step=bar.tick, batch_size=cfg.batch_size
+        )
     r = m.view(k, n)[:, : cfg.mmbd_starts].amax(dim=1).cpu().numpy().astype(np.float64)
     return r, (x, starts[1])
 

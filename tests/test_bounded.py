@@ -488,6 +488,51 @@ def test_maximize_margins_stops_each_class_on_its_own() -> None:
     torch.testing.assert_close(x[:2], x0[:2], rtol=0, atol=0)  # left where they settled
 
 
+class _BatchSizes(nn.Module):
+    """Wraps a network and records the batch size of every call."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.sizes: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(x.shape[0])
+        return self.net(x)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_maximize_margins_in_chunks_gives_the_one_batch_result(optimizer: str) -> None:
+    # a small CNN with BatchNorm in eval mode; with rel_tol, classes settle at different steps,
+    # so later steps ascend a subset of the rows, which the chunks must split as well
+    torch.manual_seed(3)
+    cnn = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
+    ).eval().requires_grad_(False)  # fmt: skip
+    x0, k = random_starts(5, 7, (3, 8, 8), torch.Generator().manual_seed(2))
+    settings = AscentSettings(steps=60, lr=0.05, optimizer=optimizer, rel_tol=1e-3)
+    whole_steps: list[int] = []
+    x1, m1 = maximize_margins(cnn, x0, k, settings, lambda: whole_steps.append(1))
+    assert 1 < len(whole_steps) <= 60
+    counted = _BatchSizes(cnn)
+    chunk_steps: list[int] = []
+    x2, m2 = maximize_margins(counted, x0, k, settings, lambda: chunk_steps.append(1), 4)
+    assert len(chunk_steps) == len(whole_steps)
+    assert max(counted.sizes) == 4
+    assert sum(counted.sizes) > 35 * len(chunk_steps) / 2  # every step ran, in chunks
+    torch.testing.assert_close(x2, x1, rtol=0, atol=1e-5)
+    torch.testing.assert_close(m2, m1, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(x1, x0)
+
+
+def test_maximize_margins_rejects_a_chunk_below_one() -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        maximize_margins(nn.Linear(2, 2), torch.zeros(2, 2), torch.tensor([0, 1]),
+                         AscentSettings(steps=1, lr=0.1), batch_size=0)  # fmt: skip
+
+
 def test_random_starts_shape_and_order() -> None:
     x, k = random_starts(3, 2, (1, 4, 4), torch.Generator().manual_seed(0))
     assert x.shape == (6, 1, 4, 4)
