@@ -61,6 +61,30 @@ def test_sig_and_chessboard_known_values(images: np.ndarray) -> None:
     assert c[0, 0, 0, 0] == 3 and c[0, 0, 1, 0] == -3 and c[0, 1, 0, 0] == -3
 
 
+def test_bpp_squeezes_to_its_levels_with_floyd_steinberg_diffusion(images: np.ndarray) -> None:
+    # one channel, one row of 100s with 2 levels (0 and 255): 100/255 = 0.392 rounds to 0, and
+    # its error, 7/16 of it, goes right: 0.392 + 0.172 = 0.564 rounds to 1 (255); that error,
+    # -0.436, goes right: 0.392 - 0.191 = 0.201 -> 0, and so on
+    row = np.full((1, 1, 4, 1), 100, np.uint8)
+    assert A.bpp(row, levels=2)[0, 0, :, 0].tolist() == [0, 255, 0, 0]
+    # a second row receives 3/16, 5/16 and 1/16 of each error: a flat 100 field dithers to a
+    # mix of 0s and 255s whose mean stays near 100 (a plain rounding would give all 0s)
+    flat = A.bpp(np.full((1, 16, 16, 1), 100, np.uint8), levels=2)
+    assert set(np.unique(flat).tolist()) == {0, 255}
+    assert abs(float(flat.mean()) - 100) < 12
+    # on real-looking images: every value is one of the 8 levels, each pixel within a level of
+    # its original and the image's mean kept; HWC and NHWC agree
+    out = A.bpp(images)
+    levels = np.rint(np.arange(8) * 255 / 7).astype(np.uint8)
+    assert out.shape == images.shape and out.dtype == np.uint8
+    assert np.isin(out, levels).all()
+    assert np.abs(out.astype(int) - images.astype(int)).max() <= 2 * 255 / 7
+    assert abs(float(out.mean()) - float(images.mean())) < 2
+    assert np.array_equal(A.bpp(images[0]), out[0])
+    with pytest.raises(ValueError, match="levels"):
+        A.bpp(images, levels=1)
+
+
 @pytest.mark.parametrize("name", sorted(A.ATTACKS))
 def test_poisoning_follows_the_attack_mode(name: str) -> None:
     rng = np.random.default_rng(1)
