@@ -68,9 +68,9 @@ def maximize_margins(
     on_step: Callable[[], None] | None = None,
     batch_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ascend every start's own-class margin at once, as one batch (each row is independent:
-    BatchNorm is in eval mode), clamping to [0,1] after each step. Returns the points and their
-    final margins.
+    """Ascend every start's own-class margin together, one optimiser step for all (each row is
+    independent: BatchNorm is in eval mode), clamping to [0,1] after each step. Returns the
+    points and their final margins.
 
     batch_size: the forward/backward passes of a step run over chunks of at most this many
     points, their gradients accumulated before the one optimiser step, so memory does not grow

@@ -194,8 +194,9 @@ def original_maxima(
     quiet: bool,
 ) -> tuple[np.ndarray, tuple[torch.Tensor, torch.Tensor]]:
     """MM-BD's ascent on the original network (SPEC 5) from max(mmbd_starts, J) uniform starts
-    per class, in one batch. r_k uses the first mmbd_starts of each class; the points also seed
-    the alternation's maxima. Returns r and (points, classes) in class-major order."""
+    per class, ascended together (in chunks of batch_size). r_k uses the first mmbd_starts of
+    each class; the points also seed the alternation's maxima. Returns r and (points, classes)
+    in class-major order."""
     n = max(cfg.mmbd_starts, per_class)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     starts = random_starts(k, n, chw, gen, device=device_of(model))
