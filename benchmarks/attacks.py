@@ -26,6 +26,8 @@ Attacks:
 - ``bpp``: colour depth squeezed to 8 levels per channel with Floyd-Steinberg dithering (BPP,
   BackdoorBench's settings), all-to-one; without BPP's adversarial negative samples. Added at
   stop 28 as an attack the guard's defaults were never tuned on.
+- ``ftrojan``: FTrojan's invisible frequency trigger: 30 added to the DCT coefficients (15, 15)
+  and (31, 31) of both chroma channels (YCrCb), all-to-one. Added at stop 28 likewise.
 """
 
 from __future__ import annotations
@@ -194,6 +196,36 @@ def bpp(x: np.ndarray, levels: int = 8) -> np.ndarray:
     return out.reshape(arr.shape)
 
 
+def ftrojan(
+    x: np.ndarray,
+    magnitude: float = 30.0,
+    positions: tuple[tuple[int, int], ...] = ((15, 15), (31, 31)),
+) -> np.ndarray:
+    """FTrojan's trigger (Wang et al., ECCV 2022): in the YCrCb colour space, ``magnitude`` added
+    to the orthonormal 2-D DCT coefficients at ``positions`` of both chroma channels (Cr, Cb),
+    over the whole image as one window; back to RGB, rounded. An invisible, fixed, mid- and
+    high-frequency chroma pattern (about +-2 levels per pixel at 32x32)."""
+    from scipy.fft import dctn, idctn
+
+    arr = np.asarray(x, dtype=np.float64)
+    rgb = arr.reshape(-1, *arr.shape[-3:])
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    y = 0.299 * r + 0.587 * g + 0.114 * b  # full-range (JPEG) YCrCb, as OpenCV's RGB2YCrCb
+    chroma = np.stack([(r - y) * 0.713 + 128.0, (b - y) * 0.564 + 128.0], axis=1)  # N, 2, H, W
+    coef = dctn(chroma, axes=(2, 3), norm="ortho")
+    h, w = chroma.shape[2], chroma.shape[3]
+    for i, j in positions:
+        if not (0 <= i < h and 0 <= j < w):
+            raise ValueError(f"ftrojan position {(i, j)} is outside a {h}x{w} image")
+        coef[:, :, i, j] += magnitude
+    cr, cb = idctn(coef, axes=(2, 3), norm="ortho").transpose(1, 0, 2, 3)
+    r2 = y + (cr - 128.0) / 0.713
+    b2 = y + (cb - 128.0) / 0.564
+    g2 = (y - 0.299 * r2 - 0.114 * b2) / 0.587
+    out = np.stack([r2, g2, b2], axis=-1)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8).reshape(arr.shape)
+
+
 def wanet_batch_layout(n: int, rate: float, cross_ratio: float) -> tuple[int, int]:
     """How many images of an n-image batch WaNet's reference code warps (the first ones) and how
     many after them get the noise-mode warp; the second share never overruns the batch."""
@@ -339,5 +371,11 @@ ATTACKS: dict[str, Attack] = {
     "all2all": Attack("all2all", random_patch, "all-to-all", {"patch": 3, "corner": "top-left"}),
     "bpp": Attack(
         "bpp", bpp, "all-to-one", {"levels": 8, "dithering": "Floyd-Steinberg", "negatives": 0}
+    ),
+    "ftrojan": Attack(
+        "ftrojan",
+        ftrojan,
+        "all-to-one",
+        {"magnitude": 30, "positions": "(15,15), (31,31)", "channels": "Cr, Cb", "window": "image"},
     ),
 }

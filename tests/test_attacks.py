@@ -85,6 +85,36 @@ def test_bpp_squeezes_to_its_levels_with_floyd_steinberg_diffusion(images: np.nd
         A.bpp(images, levels=1)
 
 
+def _chroma_dct(x: np.ndarray) -> np.ndarray:
+    from scipy.fft import dctn
+
+    a = x.astype(float)
+    r, g, b = a[..., 0], a[..., 1], a[..., 2]
+    y = 0.299 * r + 0.587 * g + 0.114 * b
+    return dctn(np.stack([(r - y) * 0.713, (b - y) * 0.564], 1), axes=(2, 3), norm="ortho")
+
+
+def test_ftrojan_adds_its_coefficients_to_both_chroma_channels() -> None:
+    # mid-grey-ish images (no clipping): the trigger is one fixed integer pattern added to each,
+    # whose chroma DCT is 30 at (15, 15) and (31, 31) up to the rounding to integers, and small
+    # elsewhere; the luma is untouched up to that rounding
+    x = np.random.default_rng(0).integers(40, 216, (3, 32, 32, 3), dtype=np.uint8)
+    t = A.ftrojan(x)
+    added = t.astype(int) - x.astype(int)
+    assert (added == added[0]).all() and np.abs(added).max() <= 8
+    change = _chroma_dct(t) - _chroma_dct(x)
+    for i, j in ((15, 15), (31, 31)):
+        np.testing.assert_allclose(change[:, :, i, j], 30, atol=2)
+    others = change.copy()
+    others[:, :, [15, 31], [15, 31]] = 0
+    assert np.abs(others).max() < 3
+    luma = lambda a: a.astype(float) @ np.array([0.299, 0.587, 0.114])  # noqa: E731
+    assert np.abs(luma(t) - luma(x)).max() < 1.0
+    assert np.array_equal(A.ftrojan(x[0]), t[0])  # HWC as NHWC
+    with pytest.raises(ValueError, match="outside"):
+        A.ftrojan(x, positions=((32, 0),))
+
+
 @pytest.mark.parametrize("name", sorted(A.ATTACKS))
 def test_poisoning_follows_the_attack_mode(name: str) -> None:
     rng = np.random.default_rng(1)
