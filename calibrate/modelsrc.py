@@ -39,7 +39,8 @@ class ModelSource:
     PYTHONPATH); it is called as ``callable(num_classes=K)`` when it accepts ``num_classes``.
     `weights` (a ``torch.save``-d state_dict) is required with `arch`/`factory`, because
     calibrating randomly initialised weights is meaningless, and forbidden with `torchscript`,
-    whose archive already carries its weights.
+    whose archive already carries its weights. `weights_key` names the entry of a checkpoint
+    dict that holds the model's state_dict, where the dict holds several.
     """
 
     arch: str | None = None
