@@ -6,20 +6,25 @@ detector (`files.start` and `start_detector.null`) and schema 3 when it adds the
 (`range_detector.output`, a second output of original.onnx, and `range_detector.null`; with or
 without a start detector), so a guard that only knows an older schema refuses it instead of
 serving it without one of its statistics. The guard refuses an artifact whose schema it does not
-know or whose files do not match their recorded sha256.
+know or whose files do not match their recorded sha256. Given trusted public keys, it also
+refuses an artifact whose manifest.json is not signed by one of them (guard.signing).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from guard.mmdf import DecisionRule, Null, RangeDetector, StartDetector
+
+if TYPE_CHECKING:
+    from guard.signing import TrustedKey
 
 MANIFEST_SCHEMA_VERSION = 1
 START_SCHEMA_VERSION = 2  # schema 1 plus the start detector
@@ -69,6 +74,8 @@ class Artifact:
     # the range detector (schema 3): the original network's second output and its null
     range_output: str | None = None
     range_null: Null | None = None
+    # the id of the trusted key whose signature over manifest.json was verified, else None
+    signed_by: str | None = None
 
     def start_detector(self, logits: np.ndarray | None) -> StartDetector | None:
         """The start detector on these start-bounded logits; None without one."""
@@ -92,15 +99,31 @@ def _require(manifest: dict[str, Any], *keys: str) -> Any:
     return node
 
 
-def load_artifact(root: Path, verify_hashes: bool = True) -> Artifact:
-    """Read and verify an artifact directory; every failure is an ArtifactError naming it."""
+def load_artifact(
+    root: Path, verify_hashes: bool = True, trusted_keys: Sequence[TrustedKey] = ()
+) -> Artifact:
+    """Read and verify an artifact directory; every failure is an ArtifactError naming it.
+    With `trusted_keys`, manifest.json's bytes, read once, must carry a valid signature by one
+    of them (manifest.sig) before anything in it is believed."""
     root = Path(root)
     mpath = root / MANIFEST_NAME
     if not mpath.is_file():
         raise ArtifactError(f"{mpath} does not exist: not a calibration artifact directory")
     try:
-        manifest = json.loads(mpath.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raw = mpath.read_bytes()
+    except OSError as exc:
+        raise ArtifactError(f"cannot read {mpath}: {exc.strerror or exc}") from None
+    signed_by = None
+    if trusted_keys:
+        from guard.signing import SIGNATURE_NAME, SigningError, verify_manifest
+
+        try:
+            signed_by = verify_manifest(raw, root / SIGNATURE_NAME, trusted_keys).key_id
+        except SigningError as exc:
+            raise ArtifactError(str(exc)) from None
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{mpath} is not valid JSON: {exc}") from None
     version = _require(manifest, "schema_version")
     if version not in SCHEMA_VERSIONS:
@@ -166,4 +189,5 @@ def load_artifact(root: Path, verify_hashes: bool = True) -> Artifact:
         start_null=start_null,
         range_output=range_output,
         range_null=range_null,
+        signed_by=signed_by,
     )

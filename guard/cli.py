@@ -8,7 +8,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("calibrate", "serve", "evaluate", "demo")
+COMMANDS = ("calibrate", "serve", "evaluate", "demo", "keygen", "sign", "verify")
+SIGNING = ("keygen", "sign", "verify")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -27,6 +28,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         from guard import serve_cli
 
         serve_cli.add_parser(sub)
+    if only is None or only in SIGNING:
+        from guard import sign_cli
+
+        sign_cli.add_parsers(sub)
     if only in (None, "evaluate"):
         from calibrate import assess
 
@@ -51,6 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from guard import serve_cli
 
             return serve_cli.run(args)
+        if args.command in SIGNING:
+            from guard import sign_cli
+
+            return sign_cli.run(args)
         if args.command == "evaluate":
             from calibrate import assess
 

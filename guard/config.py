@@ -87,9 +87,12 @@ class ServeConfig:
     auth_token: str | None = field(default=None, repr=False)  # bearer token; None: no auth
     max_message_bytes: int = 64 * MiB  # largest request or response message
     quarantine: QuarantineConfig | None = None
+    # PEM Ed25519 public keys: when any is given, the artifact's manifest must be signed by one
+    trusted_keys: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "artifact_dir", Path(self.artifact_dir))
+        object.__setattr__(self, "trusted_keys", tuple(Path(p) for p in self.trusted_keys))
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.mode not in ("enforce", "shadow", "unguarded"):

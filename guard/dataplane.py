@@ -205,6 +205,8 @@ class DataPlane:
             "provider": self.engine.providers[0],
             "model_sha256": str(a.manifest["files"]["original"]["sha256"]),
             "bounded_sha256": str(a.manifest["files"]["bounded"]["sha256"]),
+            # the trusted key whose signature over the manifest was verified at start
+            "manifest_signed_by": a.signed_by or "",
         }
         if "start" in a.manifest["files"]:
             properties["start_sha256"] = str(a.manifest["files"]["start"]["sha256"])

@@ -54,6 +54,15 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     sec.add_argument("--tls-cert", type=Path, help="PEM server certificate (chain)")
     sec.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     sec.add_argument("--tls-client-ca", type=Path, help="PEM CA: require client certificates")
+    sec.add_argument(
+        "--trusted-key",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PUB",
+        help="PEM Ed25519 public key (repeatable): refuse an artifact whose manifest.json is "
+        "not signed by one of them (`mmguard sign`)",
+    )
     tok = sec.add_mutually_exclusive_group()
     tok.add_argument("--auth-token-file", type=Path, help="file holding the bearer token")
     tok.add_argument("--auth-token-env", metavar="VAR", help="environment variable holding it")
@@ -156,6 +165,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         auth_token=_token(args),
         max_message_bytes=args.max_message_bytes,
         quarantine=quarantine,
+        trusted_keys=tuple(args.trusted_key),
     )
 
 

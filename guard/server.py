@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from guard._proto import grpc_predict_v2_pb2 as pb
 from guard._proto import grpc_predict_v2_pb2_grpc as pb_grpc
-from guard.artifact import Artifact, load_artifact
+from guard.artifact import Artifact, ArtifactError, load_artifact
 from guard.config import Device, ServeConfig, TlsConfig
 from guard.dataplane import DataPlane, Engine, server_version
 from guard.health import HealthService
@@ -34,6 +34,9 @@ from guard.metrics import GuardMetrics
 from guard.metrics_http import start_metrics_server
 from guard.quarantine import Quarantine
 from guard.servicer import SERVICE_NAME, InferenceServicer
+
+if TYPE_CHECKING:
+    from guard.signing import TrustedKey
 
 log = logging.getLogger("guard.server")
 EngineFactory = Callable[..., Engine]  # (artifact, device, threads[, original_only=True])
@@ -238,6 +241,19 @@ async def _add_services(server: grpc.aio.Server, dataplane: DataPlane) -> Health
     return health_servicer
 
 
+def _trusted_keys(paths: tuple[Path, ...]) -> list[TrustedKey]:
+    """The trusted public keys (none: signatures are not checked); a bad key file is an
+    ArtifactError naming it."""
+    if not paths:
+        return []
+    from guard.signing import SigningError, load_trusted_keys
+
+    try:
+        return load_trusted_keys(paths)
+    except SigningError as exc:
+        raise ArtifactError(f"--trusted-key: {exc}") from None
+
+
 async def create_server(
     config: ServeConfig,
     *,
@@ -247,7 +263,9 @@ async def create_server(
 ) -> tuple[GuardServer, int]:
     """Verify the artifact, load both networks and bind the port (call it in a running event
     loop). Raises ArtifactError, EngineError or OSError (a file, the address) naming the problem."""
-    artifact = load_artifact(config.artifact_dir)
+    artifact = load_artifact(config.artifact_dir, trusted_keys=_trusted_keys(config.trusted_keys))
+    if artifact.signed_by is not None:
+        log.info("manifest signature verified: trusted key %s", artifact.signed_by)
     threads = config.threads or usable_cpus()
     if config.mode == "unguarded":  # the original network alone, as the baseline it stands for
         engine = engine_factory(artifact, config.device, threads, original_only=True)

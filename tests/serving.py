@@ -178,3 +178,18 @@ def fire(client: Any, x: np.ndarray, model: str = "tiny", **kw: Any) -> Future[A
     inp.set_data_from_numpy(x)
     fut.ctx = client.async_infer(model, [inp], callback=done, **kw)  # type: ignore[attr-defined]
     return fut
+
+
+def metadata_properties(url: str, model: str) -> dict[str, str]:
+    """The model metadata's properties, over raw gRPC with the guard's own protocol: properties
+    (field 6) are in the published protocol, not in Triton's, so tritonclient drops them."""
+    from guard._proto import grpc_predict_v2_pb2 as pb
+    from guard._proto import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    channel = grpc.insecure_channel(url)
+    try:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        md = stub.ModelMetadata(pb.ModelMetadataRequest(name=model), timeout=30)
+    finally:
+        channel.close()
+    return dict(md.properties)

@@ -185,23 +185,6 @@ def _infer(url: str, x: np.ndarray) -> Any:
         client.close()
 
 
-def _metadata_properties(url: str) -> dict[str, str]:
-    """The model metadata's properties for the artifact `art`, over raw gRPC: properties
-    (field 6) are in the published protocol, not in Triton's, so tritonclient drops them."""
-    import grpc
-
-    from guard._proto import grpc_predict_v2_pb2 as pb
-    from guard._proto import grpc_predict_v2_pb2_grpc as pb_grpc
-
-    channel = grpc.insecure_channel(url)
-    try:
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        md = stub.ModelMetadata(pb.ModelMetadataRequest(name="art"), timeout=30)
-    finally:
-        channel.close()
-    return dict(md.properties)
-
-
 @pytest.mark.slow
 def test_a_real_server_serves_the_three_network_artifact(
     start_artifact: tuple[Path, dict, dict],
@@ -209,7 +192,7 @@ def test_a_real_server_serves_the_three_network_artifact(
 
     from guard.artifact import load_artifact
     from guard.engine import GuardEngine
-    from tests.serving import running, serve_config
+    from tests.serving import metadata_properties, running, serve_config
 
     out, manifest, _ = start_artifact
     x = np.concatenate([_poisoned()[:4], _clean()[0][:4]])
@@ -218,7 +201,7 @@ def test_a_real_server_serves_the_three_network_artifact(
     with running(serve_config(out)) as srv:
         info = next(m for m in srv.registry.collect() if m.name == "guard_build_info").samples[0]
         assert info.labels["start_sha256"] == manifest["files"]["start"]["sha256"]
-        properties = _metadata_properties(srv.url)
+        properties = metadata_properties(srv.url, "art")
         assert properties["start_detector"] == "gpd"
         assert properties["start_sha256"] == manifest["files"]["start"]["sha256"]
         res = _infer(srv.url, x)
