@@ -77,6 +77,28 @@ class Artifact:
     # the id of the trusted key whose signature over manifest.json was verified, else None
     signed_by: str | None = None
 
+    def network_path(self, role: str) -> Path:
+        """The file of network `role`: original, bounded or (with a start detector) start."""
+        paths = {"original": self.original_path, "bounded": self.bounded_path}
+        if self.start_path is not None:
+            paths[START_FILE[0]] = self.start_path
+        if role not in paths:
+            raise ArtifactError(f"the artifact has no {role} network")
+        return paths[role]
+
+    def network_bytes(self, role: str) -> bytes:
+        """The bytes of network `role`, checked against the manifest's sha256 on these very
+        bytes, which are what the engine then loads: a file swapped after `load_artifact`'s
+        check is refused, not served."""
+        path = self.network_path(role)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ArtifactError(f"cannot read {path}: {exc.strerror or exc}") from None
+        if hashlib.sha256(data).hexdigest() != self.manifest["files"][role]["sha256"]:
+            raise ArtifactError(f"{path.name} does not match the sha256 recorded in the manifest")
+        return data
+
     def start_detector(self, logits: np.ndarray | None) -> StartDetector | None:
         """The start detector on these start-bounded logits; None without one."""
         if logits is None or self.start_null is None:

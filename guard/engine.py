@@ -75,34 +75,45 @@ def with_options(providers: list[str]) -> list[Any]:
     return [(p, dict(CUDA_OPTIONS)) if p == CUDA else p for p in providers]
 
 
-def cut_to_outputs(path: Path, outputs: list[str]) -> Any:
-    """The ONNX network at `path` cut down to the nodes `outputs` need (an onnx ModelProto):
-    onnxruntime computes every node of a graph whichever outputs a run asks for."""
+def cut_to_outputs(network: Path | bytes, outputs: list[str]) -> Any:
+    """The ONNX network (a file, or its bytes) cut down to the nodes `outputs` need (an onnx
+    ModelProto): onnxruntime computes every node of a graph whichever outputs a run asks for."""
     import onnx
     import onnx.utils
 
-    model = onnx.load(str(path))
+    if isinstance(network, bytes):
+        model = onnx.load_model_from_string(network)
+    else:
+        model = onnx.load(str(network))
     weights = {t.name for t in model.graph.initializer}  # listed as inputs by older exports
     inputs = [i.name for i in model.graph.input if i.name not in weights]
     return onnx.utils.Extractor(model).extract_model(inputs, outputs)
 
 
 def _session(
-    ort: Any, path: Path, opts: Any, providers: list[str], outputs: list[str] | None = None
+    ort: Any,
+    artifact: Artifact,
+    role: str,
+    opts: Any,
+    providers: list[str],
+    outputs: list[str] | None = None,
 ) -> Any:
-    """An onnxruntime session of one network; a file onnxruntime cannot load (corrupt, truncated,
-    not ONNX: one whose sha256 was recorded after the damage) is an EngineError naming it.
+    """An onnxruntime session of the artifact's network `role`, built from the bytes whose
+    sha256 was just checked (`Artifact.network_bytes`: an ArtifactError if they do not match);
+    bytes onnxruntime cannot load (corrupt, truncated, not ONNX: a file whose sha256 was
+    recorded after the damage) are an EngineError naming the file.
 
     With `outputs`, the network cut down to the nodes those outputs need: onnxruntime computes
     every node of a graph whichever outputs a run asks for (the range detector's ratios cost
     about 14% of a width-16 original's time even when only its logits are fetched)."""
+    data = artifact.network_bytes(role)
+    name = artifact.network_path(role).name
     try:
-        if outputs is None:
-            return ort.InferenceSession(str(path), opts, providers=with_options(providers))
-        pruned = cut_to_outputs(path, outputs).SerializeToString()
-        return ort.InferenceSession(pruned, opts, providers=with_options(providers))
+        if outputs is not None:
+            data = cut_to_outputs(data, outputs).SerializeToString()
+        return ort.InferenceSession(data, opts, providers=with_options(providers))
     except Exception as exc:  # onnxruntime raises its own RuntimeError subclasses
-        raise EngineError(f"onnxruntime cannot load {path.name}: {exc}") from None
+        raise EngineError(f"onnxruntime cannot load {name}: {exc}") from None
 
 
 class GuardEngine:
@@ -128,12 +139,12 @@ class GuardEngine:
         self.original_only = original_only
         if original_only:
             plain = None if artifact.range_output is None else [artifact.output_name]
-            self._sessions = [_session(ort, artifact.original_path, opts, providers, plain)]
+            self._sessions = [_session(ort, artifact, "original", opts, providers, plain)]
         else:
-            paths = [artifact.original_path, artifact.bounded_path]
+            roles = ["original", "bounded"]
             if artifact.start_path is not None:
-                paths.append(artifact.start_path)
-            self._sessions = [_session(ort, p, opts, providers) for p in paths]
+                roles.append("start")
+            self._sessions = [_session(ort, artifact, r, opts, providers) for r in roles]
         used = self._sessions[0].get_providers()
         if device == "cuda" and CUDA not in used:
             raise EngineError(f"CUDA requested but onnxruntime runs on {used}")

@@ -138,3 +138,19 @@ def test_the_serve_process_exits_2_before_listening_on_swapped_networks(
     assert done.returncode == 2, done.stderr
     assert "original.onnx does not match the sha256" in done.stderr
     assert "listening" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_network_swapped_after_the_check_is_refused_when_loaded(
+    artifact_dir: Path, tmp_path: Path
+) -> None:
+    """The engine loads the very bytes it hashes: a file replaced between load_artifact's check
+    and the sessions' creation (a valid ONNX network, the other one) is refused, not served."""
+    from guard.artifact import load_artifact
+    from guard.engine import GuardEngine
+
+    art = _copy(artifact_dir, tmp_path)
+    checked = load_artifact(art)
+    GuardEngine(checked, "cpu", threads=1)  # as checked, it loads
+    shutil.copyfile(art / "original.onnx", art / "bounded.onnx")
+    with pytest.raises(ArtifactError, match=r"bounded\.onnx does not match the sha256"):
+        GuardEngine(checked, "cpu", threads=1)
