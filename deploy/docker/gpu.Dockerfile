@@ -1,9 +1,10 @@
 # syntax=docker/dockerfile:1
 # mmguard serve on an NVIDIA GPU: a CUDA runtime + cuDNN base matching onnxruntime-gpu's CUDA
 # major version (onnxruntime-gpu 1.31 on PyPI is built for CUDA 13 and cuDNN 9), the serving
-# dependencies only (`pip install .`: onnxruntime-gpu, grpcio, numpy, scipy, prometheus-client;
-# no torch), a non-root user, a gRPC health check. Run it with a GPU (docker run --gpus 1, or
-# nvidia.com/gpu in Kubernetes); `--device cuda` makes startup fail loudly without one.
+# dependencies only (`pip install .`: onnxruntime-gpu, grpcio, numpy, scipy, prometheus-client,
+# cryptography; no torch), a non-root user, a gRPC health check. Run it with a GPU (docker run
+# --gpus 1, or nvidia.com/gpu in Kubernetes); `--device cuda` makes startup fail loudly without
+# one.
 #   docker build -f deploy/docker/gpu.Dockerfile -t mmguard:0.1.0-gpu .
 ARG CUDA_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
 
