@@ -27,7 +27,9 @@ Attacks:
   BackdoorBench's settings), all-to-one; without BPP's adversarial negative samples. Added at
   stop 28 as an attack the guard's defaults were never tuned on.
 - ``ftrojan``: FTrojan's invisible frequency trigger: 30 added to the DCT coefficients (15, 15)
-  and (31, 31) of both chroma channels (YCrCb), all-to-one. Added at stop 28 likewise.
+  and (31, 31) of both chroma channels (YCrCb), all-to-one. Added at stop 28 likewise. Added
+  after augmentation (``Attack.late``), as the chessboard: poisoned before it, 8 epochs left 3.5%
+  attack success (a shifted crop moves the pattern's phase; (31, 31) flips sign with each pixel).
 """
 
 from __future__ import annotations
@@ -377,5 +379,6 @@ ATTACKS: dict[str, Attack] = {
         ftrojan,
         "all-to-one",
         {"magnitude": 30, "positions": "(15,15), (31,31)", "channels": "Cr, Cb", "window": "image"},
+        late=True,
     ),
 }
