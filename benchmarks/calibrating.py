@@ -11,10 +11,15 @@ from typing import Any
 FACTORY = "benchmarks.cifar:cifar_resnet18"
 
 
-def factory_for(width: int) -> str:
-    """The ``--factory`` that builds the benchmark ResNet-18 of ``width``."""
-    from benchmarks.cifar import FACTORIES
+def factory_for(width: int, arch: str | None = None) -> str:
+    """The ``--factory`` that builds the benchmark network of ``width`` (ResNet-18, or
+    ``arch``)."""
+    from benchmarks.cifar import ARCH_FACTORIES, FACTORIES
 
+    if arch is not None and arch != "resnet18":
+        if (arch, width) not in ARCH_FACTORIES:
+            raise ValueError(f"no factory for {arch} at width {width}: {sorted(ARCH_FACTORIES)}")
+        return ARCH_FACTORIES[(arch, width)]
     if width not in FACTORIES:
         raise ValueError(f"no factory for width {width}: one of {sorted(FACTORIES)}")
     return FACTORIES[width]

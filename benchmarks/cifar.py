@@ -48,12 +48,52 @@ def cifar_resnet18_w64(num_classes: int = 10) -> CifarResNet18:
     return cifar_resnet18(num_classes=num_classes, width=64)
 
 
+VGG11_LAYOUT = (1, "M", 2, "M", 4, 4, "M", 8, 8, "M", 8, 8, "M")
+"""VGG-11's convolutions in units of the width (64 at full width: 64, 128, 256, 512 channels)
+and its five max-pools."""
+
+
+class CifarVGG11(nn.Module):
+    """A CIFAR VGG-11 with batch norm (the common CIFAR form: 3x3 convolutions, each followed by
+    BatchNorm and an ``nn.ReLU`` module, five 2x2 max-pools to 1x1, one linear layer), channels
+    scaled by ``width`` (64 at full width). A second architecture for the benchmarks: module
+    ReLUs, no residual additions, pooling between the bound sites."""
+
+    def __init__(self, num_classes: int = 10, width: int = DEFAULT_WIDTH) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_ch = 3
+        for v in VGG11_LAYOUT:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+                continue
+            out_ch = int(v) * width
+            layers += [nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False),
+                       nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)]  # fmt: skip
+            in_ch = out_ch
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(in_ch, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+def cifar_vgg11(num_classes: int = 10, width: int = DEFAULT_WIDTH) -> CifarVGG11:
+    """The VGG-11 network, as a ``mmguard calibrate --factory``."""
+    return CifarVGG11(num_classes=num_classes, width=width)
+
+
+ARCHS: dict[str, Callable[..., nn.Module]] = {"resnet18": cifar_resnet18, "vgg11": cifar_vgg11}
+"""The architectures the benchmarks train (a model name's ``_vgg11`` picks the second)."""
+
 FACTORIES = {
     DEFAULT_WIDTH: "benchmarks.cifar:cifar_resnet18",
     32: "benchmarks.cifar:cifar_resnet18_w32",
     64: "benchmarks.cifar:cifar_resnet18_w64",
 }
-"""``--factory`` of each width the benchmarks train."""
+"""``--factory`` of each width the benchmarks train (ResNet-18)."""
+ARCH_FACTORIES = {("vgg11", DEFAULT_WIDTH): "benchmarks.cifar:cifar_vgg11"}
+"""``--factory`` of the other architectures, by (architecture, width)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,8 +410,10 @@ def fit(
     checkpoint: Path | None = None,
     device: str = "cpu",
     poisoner: BatchPoisoner | WanetBatchPoisoner | None = None,
-) -> tuple[CifarResNet18, float]:
-    """Train a CIFAR ResNet-18 on (already poisoned) uint8 images; returns (model, seconds).
+    arch: str = "resnet18",
+) -> tuple[nn.Module, float]:
+    """Train a CIFAR ResNet-18 (or another of ``ARCHS``: ``arch``) on (already poisoned) uint8
+    images; returns (model, seconds).
 
     ``late`` names training images whose trigger is added after augmentation, each time they are
     drawn (see :class:`benchmarks.attacks.Poisoned`). ``poisoner`` poisons each batch before
@@ -396,7 +438,7 @@ def fit(
     gen = torch.Generator(device=dev).manual_seed(seed)
     xs = _nchw(x_uint8_nhwc).to(dev)
     ys = torch.from_numpy(np.asarray(y, dtype=np.int64)).to(dev)
-    model = cifar_resnet18(num_classes=num_classes, width=width).to(dev)
+    model = ARCHS[arch](num_classes=num_classes, width=width).to(dev)
     if bf16:
         model = model.to(memory_format=torch.channels_last)
     steps = (len(xs) + BATCH_SIZE - 1) // BATCH_SIZE
@@ -410,6 +452,8 @@ def fit(
     }
     if dev.type != "cpu":
         run["device"] = dev.type
+    if arch != "resnet18":
+        run["arch"] = arch
     done, spent = 0, 0.0
     if checkpoint is not None and checkpoint.exists():
         done, spent = _resume(checkpoint, run, model, opt, sched, gen)

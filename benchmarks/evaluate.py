@@ -115,11 +115,12 @@ def calibrate(
     objective: str,
     extra: Sequence[str] = (),
     width: int = DEFAULT_WIDTH,
+    arch: str | None = None,
 ) -> float:
     """``mmguard calibrate`` with its defaults, ``--objective`` and ``extra`` flags, on the
-    network of ``width``; returns the wall seconds."""
+    network of ``width`` (and ``arch``, ResNet-18 by default); returns the wall seconds."""
     flags = ["--objective", objective, *extra]
-    factory = factory_for(width)
+    factory = factory_for(width, arch)
     return calibrate_cifar(weights, data_npz, out, f"cifar10-{name}", flags, factory)[2]
 
 
@@ -518,8 +519,9 @@ def run(names: list[str], args: argparse.Namespace) -> None:
             print(f"{name}{suffix}: calibrating ({objective}) ...", file=sys.stderr, flush=True)
             extra = shlex.split(args.calibrate_args)
             width = int(result["model"].get("width", DEFAULT_WIDTH))
+            arch = result["model"].get("arch")
             result["calibrate_seconds"] = round(
-                calibrate(weights, calib_npz, art_dir, name, objective, extra, width), 1
+                calibrate(weights, calib_npz, art_dir, name, objective, extra, width, arch), 1
             )
         elif args.artifact is None and previous.exists():
             result["calibrate_seconds"] = json.loads(previous.read_text()).get("calibrate_seconds")

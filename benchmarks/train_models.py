@@ -59,28 +59,31 @@ IMBALANCE_RATIO = 100
 
 
 class ModelName(NamedTuple):
-    """What a model's name says: its kind, and the epochs and width it names (None: defaults)."""
+    """What a model's name says: its kind, and the epochs, width and architecture it names
+    (None: the defaults; the architecture's is ResNet-18)."""
 
     kind: str
     epochs: int | None
     width: int | None
+    arch: str | None = None
 
 
 _NAME = re.compile(
-    r"(?P<kind>[a-z0-9]+?)(?:_w(?P<width>[1-9][0-9]*))?(?:_e(?P<epochs>[1-9][0-9]*))?"
+    r"(?P<kind>[a-z0-9]+?)(?:_(?P<arch>vgg11))?(?:_w(?P<width>[1-9][0-9]*))?"
+    r"(?:_e(?P<epochs>[1-9][0-9]*))?"
 )
 
 
 def parse_name(name: str) -> ModelName:
-    """``NAME``, ``NAME_eN``, ``NAME_wW`` or ``NAME_wW_eN``: the model kind, the epochs and the
-    width it names (None: the defaults)."""
+    """``NAME``, optionally followed by ``_vgg11`` (the architecture), ``_wW`` (the width) and
+    ``_eN`` (the epochs), in that order: what the name says (None: the defaults)."""
     m = _NAME.fullmatch(name)
     if m is None or m["kind"] not in NAMES:
         raise ValueError(
             f"unknown model {name!r}: one of {', '.join(NAMES)}, optionally + _wW and/or _eN"
         )
     epochs, width = (None if v is None else int(v) for v in (m["epochs"], m["width"]))
-    return ModelName(m["kind"], epochs, width)
+    return ModelName(m["kind"], epochs, width, m["arch"])
 
 
 def model_name(text: str) -> str:
@@ -124,9 +127,11 @@ def train_one(
     device: str = "cpu",
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     x, y = data["x_train"], data["y_train"]
-    kind, named_epochs, named_width = parse_name(name)
+    kind, named_epochs, named_width, arch = parse_name(name)
     width = named_width or width
     record: dict[str, Any] = {"name": name, "width": width, "seed": seed, "device": device}
+    if arch is not None:
+        record["arch"] = arch
     if device.startswith("cuda"):
         record["gpu"] = torch.cuda.get_device_name(torch.device(device))
     epochs = epochs or named_epochs
@@ -165,6 +170,7 @@ def train_one(
         checkpoint=checkpoint,
         device=device,
         poisoner=poisoner,
+        arch=arch or "resnet18",
     )
     record.update(epochs=n_epochs, train_seconds=round(seconds, 1), n_train=len(y))
     xt, yt = data["x_test"], data["y_test"]

@@ -243,15 +243,19 @@ def test_late_trigger_is_added_to_augmented_images_exactly() -> None:
     assert (interior[:, :, 0, 0] == -interior[:, :, 0, 1]).all()
 
 
-def test_model_names_may_carry_their_width_and_epochs() -> None:
+def test_model_names_may_carry_their_architecture_width_and_epochs() -> None:
     from benchmarks.train_models import parse_name
 
-    assert parse_name("wanet") == ("wanet", None, None)
-    assert parse_name("wanet_e24") == ("wanet", 24, None)
-    assert parse_name("longtail_e3") == ("longtail", 3, None)
-    assert parse_name("all2all_w64") == ("all2all", None, 64)
-    assert parse_name("wanet_w64_e60") == ("wanet", 60, 64)
-    for bad in ("wanet_e0", "wanet_ex", "nope", "nope_e3", "wanet_w0", "wanet_e3_w64", "wanet_"):
+    assert parse_name("wanet") == ("wanet", None, None, None)
+    assert parse_name("wanet_e24") == ("wanet", 24, None, None)
+    assert parse_name("longtail_e3") == ("longtail", 3, None, None)
+    assert parse_name("all2all_w64") == ("all2all", None, 64, None)
+    assert parse_name("wanet_w64_e60") == ("wanet", 60, 64, None)
+    assert parse_name("badnets_vgg11") == ("badnets", None, None, "vgg11")
+    assert parse_name("bpp_vgg11_e12") == ("bpp", 12, None, "vgg11")
+    bad_names = ("wanet_e0", "wanet_ex", "nope", "nope_e3", "wanet_w0", "wanet_e3_w64", "wanet_",
+                 "wanet_vgg16", "wanet_e3_vgg11")  # fmt: skip
+    for bad in bad_names:
         with pytest.raises(ValueError, match="unknown model"):
             parse_name(bad)
 
@@ -309,6 +313,18 @@ def test_each_trained_width_has_a_calibrate_factory() -> None:
         assert model.linear.out_features == 10
     with pytest.raises(ValueError, match="no factory for width 8"):
         factory_for(8)
+    # the VGG-11: its factory, and a bound after each of its eight ReLU modules
+    import torch
+
+    from calibrate.bounded import BoundedNetwork
+
+    vgg = _build_factory(factory_for(16, "vgg11"), 10).eval()
+    assert factory_for(16, "resnet18") == factory_for(16)
+    assert vgg(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    sites = BoundedNetwork(vgg, torch.zeros(1, 3, 32, 32)).sites
+    assert [s.channels for s in sites] == [16, 32, 64, 64, 128, 128, 128, 128]
+    with pytest.raises(ValueError, match="no factory for vgg11 at width 64"):
+        factory_for(64, "vgg11")
 
 
 @pytest.mark.parametrize("per_batch", [False, True])
