@@ -95,7 +95,8 @@ class Artifact:
             data = path.read_bytes()
         except OSError as exc:
             raise ArtifactError(f"cannot read {path}: {exc.strerror or exc}") from None
-        if hashlib.sha256(data).hexdigest() != self.manifest["files"][role]["sha256"]:
+        recorded = self.manifest.get("files", {}).get(role, {}).get("sha256")
+        if hashlib.sha256(data).hexdigest() != recorded:
             raise ArtifactError(f"{path.name} does not match the sha256 recorded in the manifest")
         return data
 
