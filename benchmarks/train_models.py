@@ -80,7 +80,7 @@ def parse_name(name: str) -> ModelName:
     m = _NAME.fullmatch(name)
     if m is None or m["kind"] not in NAMES:
         raise ValueError(
-            f"unknown model {name!r}: one of {', '.join(NAMES)}, optionally + _wW and/or _eN"
+            f"unknown model {name!r}: one of {', '.join(NAMES)}, optionally + _vgg11, _wW, _eN"
         )
     epochs, width = (None if v is None else int(v) for v in (m["epochs"], m["width"]))
     return ModelName(m["kind"], epochs, width, m["arch"])
