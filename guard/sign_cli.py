@@ -58,8 +58,12 @@ def run(args: argparse.Namespace) -> int:
             from guard.signing import sign_artifact
 
             key = load_private_key(args.key)
+            try:
+                checked = (args.artifact_dir / "manifest.json").read_bytes()
+            except OSError:
+                checked = None  # load_artifact names the problem
             art = load_artifact(args.artifact_dir)  # never sign a damaged artifact
-            out = sign_artifact(args.artifact_dir, key)
+            out = sign_artifact(args.artifact_dir, key, checked)
             print(f"signed {art.name}: {out} (key {key_id(key.public_key())})")
             return 0
         from guard.signing import load_trusted_keys

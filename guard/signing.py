@@ -119,10 +119,13 @@ def signature_record(manifest_bytes: bytes, key: Ed25519PrivateKey) -> dict[str,
     }
 
 
-def sign_artifact(root: Path, key: Ed25519PrivateKey) -> Path:
-    """Sign ROOT/manifest.json's bytes; writes ROOT/manifest.sig (replacing an older one)."""
+def sign_artifact(root: Path, key: Ed25519PrivateKey, checked: bytes | None = None) -> Path:
+    """Sign ROOT/manifest.json's bytes; writes ROOT/manifest.sig (replacing an older one).
+    `checked`: the manifest bytes the caller verified; the file must still hold exactly them."""
     root = Path(root)
     manifest = _read(root / "manifest.json", "manifest")
+    if checked is not None and manifest != checked:
+        raise SigningError(f"{root / 'manifest.json'} changed while it was being checked")
     out = root / SIGNATURE_NAME
     tmp = out.with_name(out.name + ".tmp")
     try:

@@ -113,6 +113,11 @@ def test_the_guard_refuses_what_the_trusted_key_did_not_sign(art: Path, tmp_path
     # a signature record that is not one
     (art / SIGNATURE_NAME).write_text("not json\n")
     _error(["verify", str(art), *trusted], "not a signature record")
+    # what is signed is what was checked: a manifest changed in between is not signed
+    from guard.signing import SigningError, load_private_key, sign_artifact
+
+    with pytest.raises(SigningError, match="changed while it was being checked"):
+        sign_artifact(art, load_private_key(private), checked=manifest + b" ")
 
 
 def test_bad_keys_and_damaged_artifacts_are_refused_in_one_line(art: Path, tmp_path: Path) -> None:
