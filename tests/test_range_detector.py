@@ -30,13 +30,13 @@ from guard.mmdf import (
 )
 from tests.conftest import TINY
 from tests.helpers import first_per_class
+from tests.serving import metadata_properties
 from tests.test_cli import _calibrate_tiny
 from tests.test_start_detector import (
     SMALL,
     _clean,
     _heldout,
     _infer,
-    _metadata_properties,
     _poisoned,
 )
 
@@ -506,7 +506,7 @@ def test_a_real_server_serves_the_range_detector(range_artifact: tuple[Path, dic
     expected = GuardEngine(load_artifact(out), "cpu", threads=1).decide(x)
     assert expected.flagged.any() and not expected.flagged.all()
     with running(serve_config(out)) as srv:
-        properties = _metadata_properties(srv.url)
+        properties = metadata_properties(srv.url, "art")
         assert properties["range_detector"] == "gpd"
         assert properties["start_detector"] == "none"
         res = _infer(srv.url, x)
