@@ -218,7 +218,8 @@ class BoundedNetwork(nn.Module):
             raise CalibrationError(
                 "the model has no activation to bound: no ReLU-type one (nn.ReLU, nn.ReLU6, "
                 f"F.relu, torch.relu) and none of {_OTHER_NAMES} on a channels-first tensor "
-                "(a transformer's tokens and channels-last blocks have their channels last)"
+                "(a transformer's tokens and channels-last blocks have their channels last; "
+                "bounded there, a toy vision transformer kept its backdoor: docs/RESULTS.md)"
             )
         gm.graph.lint()
         gm.recompile()
