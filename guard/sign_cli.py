@@ -33,8 +33,9 @@ def add_parsers(sub: Any) -> None:
     v = sub.add_parser(
         "verify",
         help="check an artifact as `mmguard serve` would, without serving it",
-        description="Check the manifest, every file's sha256 and, with --trusted-key, the "
-        "manifest's signature. Exit 0 when the guard would accept the artifact, 2 otherwise.",
+        description="Check the manifest, every file's sha256, that onnxruntime loads the "
+        "networks (on the CPU) and, with --trusted-key, the manifest's signature. Exit 0 when "
+        "the guard would accept the artifact, 2 otherwise.",
     )
     v.add_argument("artifact_dir", type=Path, metavar="ARTIFACT_DIR")
     v.add_argument(
@@ -66,11 +67,16 @@ def run(args: argparse.Namespace) -> int:
             out = sign_artifact(args.artifact_dir, key, checked)
             print(f"signed {art.name}: {out} (key {key_id(key.public_key())})")
             return 0
+        from guard.engine import EngineError, GuardEngine
         from guard.signing import load_trusted_keys
 
         art = load_artifact(args.artifact_dir, trusted_keys=load_trusted_keys(args.trusted_key))
+        try:  # as the guard loads them (on the CPU): a network onnxruntime cannot load fails
+            GuardEngine(art, "cpu", threads=1)
+        except EngineError as exc:
+            raise ArtifactError(str(exc)) from None
         signed = f", manifest signed by trusted key {art.signed_by}" if art.signed_by else ""
-        print(f"ok: {art.name}: manifest and every file's sha256 check out{signed}")
+        print(f"ok: {art.name}: manifest, sha256 of every file and onnxruntime load{signed}")
         return 0
     except (ArtifactError, SigningError) as exc:
         print(f"mmguard {args.command}: error: {exc}", file=sys.stderr)

@@ -4,6 +4,7 @@ signing, and serves a signed one (its metadata names the key)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import stat
@@ -144,6 +145,16 @@ def test_bad_keys_and_damaged_artifacts_are_refused_in_one_line(art: Path, tmp_p
     )  # fmt: skip
     _error(["sign", str(art), "--key", str(public)], "not an unencrypted PEM private key")
     _error(["sign", str(art), "--key", str(tmp_path / "nope.key")], "cannot read private key")
+    # verify loads the networks as the guard does: one damaged and then rehashed passes the
+    # sha256 check and fails there
+    rehashed = tmp_path / "rehashed"
+    shutil.copytree(art, rehashed)
+    half = (rehashed / "bounded.onnx").read_bytes()
+    (rehashed / "bounded.onnx").write_bytes(half[: len(half) // 2])
+    manifest = json.loads((rehashed / "manifest.json").read_text())
+    manifest["files"]["bounded"]["sha256"] = hashlib.sha256(half[: len(half) // 2]).hexdigest()
+    (rehashed / "manifest.json").write_text(json.dumps(manifest))
+    _error(["verify", str(rehashed)], "onnxruntime cannot load bounded.onnx")
     # a damaged network file: never signed
     bounded = art / "bounded.onnx"
     data = bytearray(bounded.read_bytes())
