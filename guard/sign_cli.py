@@ -46,7 +46,7 @@ def add_parsers(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Returns the exit status; any problem is one line on stderr and status 2."""
-    from guard.artifact import ArtifactError, load_artifact
+    from guard.artifact import MANIFEST_NAME, ArtifactError, load_artifact
     from guard.signing import SigningError, generate_keypair, key_id, load_private_key
 
     try:
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
             key = load_private_key(args.key)
             try:
-                checked = (args.artifact_dir / "manifest.json").read_bytes()
+                checked = (args.artifact_dir / MANIFEST_NAME).read_bytes()
             except OSError:
                 checked = None  # load_artifact names the problem
             art = load_artifact(args.artifact_dir)  # never sign a damaged artifact

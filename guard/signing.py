@@ -26,6 +26,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from guard.artifact import MANIFEST_NAME
+
 SIGNATURE_NAME = "manifest.sig"
 ALGORITHM = "ed25519"
 
@@ -122,11 +124,11 @@ def signature_record(manifest_bytes: bytes, key: Ed25519PrivateKey) -> dict[str,
 def sign_artifact(root: Path, key: Ed25519PrivateKey, checked: bytes | None = None) -> Path:
     """Sign ROOT/manifest.json's bytes; writes ROOT/manifest.sig (replacing an older one).
     `checked`: the manifest bytes the caller verified; the file must still hold exactly them."""
-    root = Path(root)
-    manifest = _read(root / "manifest.json", "manifest")
+    path = Path(root) / MANIFEST_NAME
+    manifest = _read(path, "manifest")
     if checked is not None and manifest != checked:
-        raise SigningError(f"{root / 'manifest.json'} changed while it was being checked")
-    out = root / SIGNATURE_NAME
+        raise SigningError(f"{path} changed while it was being checked")
+    out = path.with_name(SIGNATURE_NAME)
     tmp = out.with_name(out.name + ".tmp")
     try:
         tmp.write_text(json.dumps(signature_record(manifest, key), indent=2) + "\n")
