@@ -213,7 +213,7 @@ class CalibrationConfig:
     # clean FPR on most models (docs/RESULTS.md).
     range_detector: bool | None = None
     # its null: a body near 1 and a right tail, like the start statistic's; a `gpd` tail's shape
-    # is held at 0 or above (guard.mmdf.RANGE_GPD_MIN_SHAPE)
+    # is held at 0 or above, as every null's is (guard.mmdf.GPD_SHAPE_FLOOR)
     range_null: NullKind = "gpd"
     # whose clean scales an input's activations are measured against: `global`, those of all
     # clean images (the only kind until stop 25); `class`, those of the clean images of the

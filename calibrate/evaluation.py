@@ -9,7 +9,6 @@ import numpy as np
 
 from calibrate.config import CalibrationConfig
 from guard.mmdf import (
-    RANGE_GPD_MIN_SHAPE,
     DecisionRule,
     RangeDetector,
     StartDetector,
@@ -58,7 +57,7 @@ def cross_fitted_decisions(
             fit_on = d_range[fit_idx]
             if range_extra is not None:
                 fit_on = np.concatenate([fit_on, range_extra])
-            null_r = fit_null(fit_on, cfg.range_null, RANGE_GPD_MIN_SHAPE)
+            null_r = fit_null(fit_on, cfg.range_null)
             ranged = RangeDetector(ratios[eval_idx], null_r)
         dec = decide(g[eval_idx], gz[eval_idx], null, rule, start, ranged)
         labels[eval_idx] = dec.label

@@ -46,8 +46,6 @@ from calibrate.report import write_report
 from calibrate.scripted import script_to_fx
 from guard.artifact import NETWORK_FILES, START_FILE
 from guard.mmdf import (
-    GPD_MIN_SHAPE,
-    RANGE_GPD_MIN_SHAPE,
     fit_null,
     range_statistic,
     statistic,
@@ -452,10 +450,10 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
     return CalibrationOutcome(job.out, report, manifest)
 
 
-def _fit(stats: np.ndarray, kind: str, whose: str, gpd_min_shape: float = GPD_MIN_SHAPE) -> Any:
+def _fit(stats: np.ndarray, kind: str, whose: str) -> Any:
     """The null of one statistic; a null that cannot be fitted stops calibration with a line."""
     try:
-        return fit_null(stats, kind, gpd_min_shape)  # type: ignore[arg-type]
+        return fit_null(stats, kind)  # type: ignore[arg-type]
     except ValueError as exc:  # e.g. every held-out statistic equal, or a tail of ties
         raise CalibrationError(
             f"cannot fit the {whose}{kind} null on the {len(stats)} held-out statistics: {exc}"
@@ -542,7 +540,7 @@ def fit_range_detector(
         parts.append(loo)
     ratios = np.concatenate(parts, axis=1)
     stats = range_statistic(ratios)
-    null = _fit(stats, cfg.range_null, "range detector's ", RANGE_GPD_MIN_SHAPE)
+    null = _fit(stats, cfg.range_null, "range detector's ")
     network = RangeNetwork(net, *groups)
     n_learning, n_inside = int(learn.labels.size), int(inside.sum())
     own = classes_with_own_scales(inside, predicted, k) if cfg.range_scales != "global" else []

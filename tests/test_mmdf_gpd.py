@@ -11,7 +11,7 @@ from scipy import optimize, stats
 
 from guard.mmdf import (
     GPD_MIN_SHAPE,
-    RANGE_GPD_MIN_SHAPE,
+    GPD_SHAPE_FLOOR,
     Null,
     fit_gpd_tail,
     fit_null,
@@ -50,11 +50,11 @@ def test_survival_known_values() -> None:
 def test_fit_threshold_share_and_maximum_likelihood_tail() -> None:
     s = np.arange(1.0, 201.0)  # 1..200: the top fifth is 161..200, the threshold 160
     s = np.random.default_rng(0).permutation(s)
-    u, zeta, xi, beta = fit_gpd_tail(s)
+    u, zeta, xi, beta = fit_gpd_tail(s, GPD_MIN_SHAPE)
     assert u == 160.0 and zeta == pytest.approx(0.2)
-    # uniform excesses 1..40 have a light tail: the free estimate is below -1/2, so the shape
-    # is held there and the scale is the likelihood's maximiser for that shape (> 40 / 2, the
-    # end of the support having to lie past the largest excess)
+    # uniform excesses 1..40 have a light tail: the free estimate is below -1/2, so with the
+    # floor at -1/2 the shape is held there and the scale is the likelihood's maximiser for
+    # that shape (> 40 / 2, the end of the support having to lie past the largest excess)
     assert xi == GPD_MIN_SHAPE
     excess = np.arange(1.0, 41.0)
     best = optimize.minimize_scalar(
@@ -67,14 +67,15 @@ def test_fit_threshold_share_and_maximum_likelihood_tail() -> None:
 
 
 def test_a_shape_floor_of_zero_gives_the_exponential_tail_of_the_mean_excess() -> None:
-    """The range detector's floor (RANGE_GPD_MIN_SHAPE): the same uniform excesses 1..40, whose
-    free estimate is below 0, get the exponential tail, whose maximum-likelihood scale is the
-    mean excess (20.5); p-values then have no end: past the largest sample they stay > 0."""
+    """Calibration's floor (GPD_SHAPE_FLOOR, the default): the same uniform excesses 1..40,
+    whose free estimate is below 0, get the exponential tail, whose maximum-likelihood scale is
+    the mean excess (20.5); p-values then have no end: past the largest sample they stay > 0."""
+    assert GPD_SHAPE_FLOOR == 0.0
     s = np.random.default_rng(0).permutation(np.arange(1.0, 201.0))
-    u, _, xi, beta = fit_gpd_tail(s, RANGE_GPD_MIN_SHAPE)
+    u, _, xi, beta = fit_gpd_tail(s)
     assert (u, xi) == (160.0, 0.0) and beta == pytest.approx(20.5, rel=1e-3)
-    bounded = fit_null(s, "gpd")
-    floored = fit_null(s, "gpd", RANGE_GPD_MIN_SHAPE)
+    bounded = fit_null(s, "gpd", GPD_MIN_SHAPE)
+    floored = fit_null(s, "gpd")
     far = np.array([260.0])  # past the bounded fit's end (160 + beta / 0.5 < 260)
     assert p_values(bounded, far)[0] == 0.0
     assert p_values(floored, far)[0] == pytest.approx(0.2 * math.exp(-100.0 / 20.5), rel=1e-3)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from guard.mmdf import (
-    RANGE_GPD_MIN_SHAPE,
+    GPD_SHAPE_FLOOR,
     DecisionRule,
     Null,
     RangeDetector,
@@ -368,7 +368,7 @@ def test_the_artifact_carries_the_ratios_output_and_its_null(
     # the null is fitted on every clean image, each against the others' maxima
     n_clean = 108 + report["split"]["learn"]
     assert ranged["null"]["kind"] == "gpd" and ranged["null"]["n"] == n_clean
-    assert ranged["null"]["tail_xi"] >= RANGE_GPD_MIN_SHAPE  # no finite end to its tail
+    assert ranged["null"]["tail_xi"] >= GPD_SHAPE_FLOOR  # no finite end to its tail
     assert report["null"]["level"] == 0.0025  # each of the two statistics at alpha / 2
     assert report["range_detector"]["null"]["level"] == 0.0025
     assert len(report["range_detector"]["clean_statistics"]) == n_clean
