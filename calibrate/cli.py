@@ -13,14 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from calibrate.config import (
+    DEFAULT_NULL,
     DETECT_SCHEDULE,
+    FALLBACK_NULL,
     RANGE_SCALES,
     REFERENCE_SCHEDULE,
     CalibrationConfig,
     ScheduleConfig,
 )
 from calibrate.errors import CalibrationError
-from guard.mmdf import NULL_KINDS
+from guard.mmdf import NULL_KINDS, gpd_min_samples
 
 SCHEDULES: dict[str, ScheduleConfig] = {
     "default": ScheduleConfig(),
@@ -154,7 +156,13 @@ def _add_method_flags(p: argparse.ArgumentParser) -> None:
         help="MMAC: keep clean images the model gets wrong (default: drop them)",
     )
     m.add_argument("--heldout-fraction", type=float, default=d.heldout_fraction)
-    m.add_argument("--null", choices=list(NULL_KINDS), default=d.null)
+    m.add_argument(
+        "--null",
+        choices=list(NULL_KINDS),
+        default=d.null,
+        help=f"the learned statistic's null (default: {DEFAULT_NULL} where the held-out images "
+        f"carry it, {2 * gpd_min_samples()} or more, else {FALLBACK_NULL})",
+    )
     m.add_argument(
         "--start-detector",
         action="store_true",
@@ -333,6 +341,7 @@ def summary(report: dict[str, Any], out: Path) -> str:
             *([f"  warning: {warning}"] if warning else []),
             *([f"  note: {advice}"] if advice else []),
             *([fallback] if kept is not None else []),
+            *([f"  null {report['null']['chosen']}"] if "chosen" in report["null"] else []),
             *(
                 [f"  range detector {report['range_detector_off']}"]
                 if "range_detector_off" in report

@@ -48,7 +48,7 @@ def cross_fitted_decisions(
     d_start = None if gs is None else statistic(g, gs)
     d_range = None if ratios is None else range_statistic(ratios)
     for fit_idx, eval_idx in (folds, folds[::-1]):
-        null = fit_null(d[fit_idx], cfg.null)
+        null = fit_null(d[fit_idx], cfg.null_kind)
         start = None
         if gs is not None and d_start is not None:
             start = StartDetector(gs[eval_idx], fit_null(d_start[fit_idx], cfg.start_null))

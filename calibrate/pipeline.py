@@ -18,7 +18,7 @@ from torch import nn
 from calibrate.artifact import check_output, library_versions, staging_dir, write_manifest
 from calibrate.ascent import AscentSettings, maximize_margins, random_starts
 from calibrate.bounded import BoundedNetwork, Normalized
-from calibrate.config import CalibrationConfig, null_size_problem
+from calibrate.config import DEFAULT_NULL, CalibrationConfig, null_size_problem
 from calibrate.dataset import CleanSet, load_clean_set, split_clean_set
 from calibrate.device import describe, device_of, resolve_device
 from calibrate.errors import CalibrationError
@@ -47,6 +47,7 @@ from calibrate.scripted import script_to_fx
 from guard.artifact import NETWORK_FILES, START_FILE
 from guard.mmdf import (
     fit_null,
+    gpd_min_samples,
     range_statistic,
     statistic,
     threshold,
@@ -130,7 +131,7 @@ def _check_finite(logits: torch.Tensor, what: str) -> None:
 def _check_null_size(cfg: CalibrationConfig, n_heldout: int, n_learning: int) -> None:
     """Refuse a null the clean images cannot carry (`null_size_problem`), for each null in use:
     the held-out images, and for the range detector the learning images as well."""
-    nulls = [("", "--null", cfg.null, 0)]
+    nulls = [("", "--null", cfg.null_kind, 0)]
     if cfg.start_detector:
         nulls.append(("the start detector's ", "--start-null", cfg.start_null, 0))
     if cfg.range_detector:
@@ -297,7 +298,7 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
     _check_finite(g_held, "held-out")
     gz_held = batched_logits(net, x_held, cfg.batch_size).cpu()
     stats = statistic(g_held.numpy(), gz_held.numpy())
-    null = _fit(stats, cfg.null, "")
+    null = _fit(stats, cfg.null_kind, "")
     start_net, start_stats, start_null, gs_held = None, None, None, None
     if cfg.start_detector:
         start_net = _start_network(model, x_d, net, mit)
@@ -397,6 +398,11 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
                 "bounds_from_iteration": 1,
                 "bounds": _bound_summary(start_net, init) if start_net is not None else [],
             }
+        if job.config.null is None and cfg.null != DEFAULT_NULL:
+            null_info["chosen"] = (
+                f"{cfg.null_kind}: the {n_held} held-out images are too few for a "
+                f"{DEFAULT_NULL} null, the default where there are {2 * gpd_min_samples()} or more"
+            )
         if ranged is None and job.config.range_detector is None:
             report["range_detector_off"] = (
                 f"off: the {n_learning} learning and {n_held} held-out images are too few for "

@@ -398,12 +398,15 @@ def _null_rows(null: Mapping[str, Any], statistic: str = "d") -> list[list[str]]
 
 def _md_null(report: Mapping[str, Any]) -> list[str]:
     """The null distribution of the detection statistic and the resulting threshold."""
-    rows = _null_rows(report.get("null", {}))
+    null = report.get("null", {})
+    rows = _null_rows(null)
     gamma = report.get("mmbd", {}).get("gamma") or {}
     gamma_text = ", ".join(f"{k} = {_num(v)}" for k, v in gamma.items()) or "n/a"
+    chosen = null.get("chosen")
     return [
         "## Detection null",
         "",
+        *([f"The null is {chosen}.", ""] if chosen else []),
         *_table(["Parameter", "Value"], rows),
         "",
         f"MM-BD Gamma fit on the non-maximum classes: {gamma_text}.",

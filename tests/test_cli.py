@@ -199,6 +199,8 @@ def test_torchscript_model_calibrates_end_to_end(tmp_path: Path) -> None:
     assert max(manifest["onnx"]["max_diff"].values()) <= 1e-4
     assert "wrote" in stdout
     assert "warning" not in stdout  # a network that works on its clean set
+    # 120 clean images, 48 held out: too few for the default gpd null, and the summary says so
+    assert "\n  null yeojohnson: the 48 held-out images are too few for a gpd null" in stdout
 
 
 def test_mmom_objective_records_its_settings(tmp_path: Path) -> None:

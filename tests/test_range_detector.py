@@ -349,6 +349,9 @@ def range_artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict
     out = tmp_path_factory.mktemp("range") / "art"
     manifest, report = _calibrate_tiny(out, *SMALL, *ITERS)
     assert report["config"]["range_detector"] is True and "range_detector_off" not in report
+    # and the learned statistic's default gpd null, its tail shape held at 0 or above
+    assert report["config"]["null"] == manifest["null"]["kind"] == "gpd"
+    assert "chosen" not in report["null"] and manifest["null"]["tail_xi"] >= GPD_SHAPE_FLOOR
     return out, manifest, report
 
 
@@ -660,6 +663,28 @@ def test_by_default_the_range_detector_is_on_when_the_clean_set_carries_its_null
     assert CalibrationConfig(range_null="gaussian").resolve(2).range_detector is True
 
 
+def test_by_default_the_null_is_gpd_when_the_heldout_images_carry_it() -> None:
+    from calibrate.config import CalibrationConfig
+    from calibrate.errors import CalibrationError
+
+    cfg = CalibrationConfig()
+    assert cfg.null is None
+    with pytest.raises(CalibrationError, match="null is undecided"):
+        _ = cfg.null_kind
+    # a gpd tail on each half of the held-out set (the report's false-positive rate): 2 x 50
+    assert cfg.resolve(100).null_kind == "gpd" and cfg.resolve(5000, 10).null_kind == "gpd"
+    assert cfg.resolve(99).null_kind == "yeojohnson"
+    # the learning images never join the learned statistic's null (the bounds were fitted on
+    # them), so they do not count
+    assert cfg.resolve(99, 10_000).null_kind == "yeojohnson"
+    # said, it is kept, and too small a set is then refused (test_cli)
+    assert CalibrationConfig(null="yeojohnson").resolve(10_000).null_kind == "yeojohnson"
+    assert CalibrationConfig(null="gpd").resolve(10).null_kind == "gpd"
+    # both decided in one resolve, the range detector's first
+    both = CalibrationConfig().resolve(100, 400)
+    assert (both.null, both.range_detector, both.test_level) == ("gpd", True, 0.0025)
+
+
 def test_a_default_calibration_says_why_its_range_detector_is_off(tmp_path: Path) -> None:
     """10 clean images per class (4 classes): 16 held-out and 24 learning images, too
     few for the range detector's gpd null; the default then calibrates without it."""
@@ -677,6 +702,10 @@ def test_a_default_calibration_says_why_its_range_detector_is_off(tmp_path: Path
     assert report["range_detector_off"].startswith(off)
     text = (out / "report.md").read_text()
     assert "## Range detector\n\nOff: the 24 learning and 16 held-out" in text
+    # nor do the 16 held-out images carry the learned statistic's default gpd null
+    chosen = "yeojohnson: the 16 held-out images are too few for a gpd null, the default where"
+    assert report["null"]["kind"] == "yeojohnson" and report["null"]["chosen"].startswith(chosen)
+    assert f"## Detection null\n\nThe null is {chosen}" in text
 
 
 def test_range_scales_is_checked() -> None:
