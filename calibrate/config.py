@@ -194,9 +194,9 @@ class CalibrationConfig:
     # a Gaussian of d itself) or empirical (conformal p-values). None (the default): gpd where
     # the held-out images carry it (`null_size_problem`: 100 of them, so that the report's
     # false-positive rate can fit one on each half), else yeojohnson. The clean statistic is
-    # right-skewed with a long tail: on the CIFAR-10 benchmark's twelve newest models the
-    # Gaussian flagged over 1% of clean inputs on ten, Yeo-Johnson on two, the floored gpd on
-    # none (docs/RESULTS.md).
+    # right-skewed with a long tail: beside the range detector, on 18 CIFAR-10 benchmark models
+    # Yeo-Johnson flagged over 1% of clean inputs on four (the Gaussian on ten of twelve), the
+    # floored gpd on none, 0.09-0.68% (docs/RESULTS.md).
     null: NullKind | None = None
     # a second detection statistic: d under the bounds as MMAC's first iteration left them (each
     # channel near its clean maximum), exported as a third network, under its own null
