@@ -20,9 +20,10 @@ from calibrate.config import (
     REFERENCE_SCHEDULE,
     CalibrationConfig,
     ScheduleConfig,
+    gpd_min_heldout,
 )
 from calibrate.errors import CalibrationError
-from guard.mmdf import NULL_KINDS, gpd_min_samples
+from guard.mmdf import NULL_KINDS
 
 SCHEDULES: dict[str, ScheduleConfig] = {
     "default": ScheduleConfig(),
@@ -161,7 +162,7 @@ def _add_method_flags(p: argparse.ArgumentParser) -> None:
         choices=list(NULL_KINDS),
         default=d.null,
         help=f"the learned statistic's null (default: {DEFAULT_NULL} where the held-out images "
-        f"carry it, {2 * gpd_min_samples()} or more, else {FALLBACK_NULL})",
+        f"carry it, {gpd_min_heldout()} or more, else {FALLBACK_NULL})",
     )
     m.add_argument(
         "--start-detector",

@@ -136,6 +136,12 @@ FALLBACK_NULL: NullKind = "yeojohnson"
 """Its null where they do not: fewer than `DEFAULT_NULL` needs."""
 
 
+def gpd_min_heldout() -> int:
+    """The fewest held-out images that carry a gpd null with no other statistics: the report's
+    cross-fitted false-positive rate fits one on each half of them (`null_size_problem`)."""
+    return 2 * gpd_min_samples()
+
+
 def null_size_problem(
     kind: NullKind, n_heldout: int, level: float, n_always: int = 0
 ) -> str | None:
@@ -148,7 +154,7 @@ def null_size_problem(
     if kind == "gpd" and n_heldout // 2 + n_always < need:
         if not n_always:
             return (
-                f"gpd null needs at least {2 * need} held-out images (the report's "
+                f"gpd null needs at least {gpd_min_heldout()} held-out images (the report's "
                 f"false-positive rate fits one on each half), got {n_heldout}"
             )
         return (

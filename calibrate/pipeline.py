@@ -18,7 +18,7 @@ from torch import nn
 from calibrate.artifact import check_output, library_versions, staging_dir, write_manifest
 from calibrate.ascent import AscentSettings, maximize_margins, random_starts
 from calibrate.bounded import BoundedNetwork, Normalized
-from calibrate.config import DEFAULT_NULL, CalibrationConfig, null_size_problem
+from calibrate.config import DEFAULT_NULL, CalibrationConfig, gpd_min_heldout, null_size_problem
 from calibrate.dataset import CleanSet, load_clean_set, split_clean_set
 from calibrate.device import describe, device_of, resolve_device
 from calibrate.errors import CalibrationError
@@ -47,7 +47,6 @@ from calibrate.scripted import script_to_fx
 from guard.artifact import NETWORK_FILES, START_FILE
 from guard.mmdf import (
     fit_null,
-    gpd_min_samples,
     range_statistic,
     statistic,
     threshold,
@@ -401,7 +400,7 @@ def run_calibration(job: CalibrationJob) -> CalibrationOutcome:
         if job.config.null is None and cfg.null != DEFAULT_NULL:
             null_info["chosen"] = (
                 f"{cfg.null_kind}: the {n_held} held-out images are too few for a "
-                f"{DEFAULT_NULL} null, the default where there are {2 * gpd_min_samples()} or more"
+                f"{DEFAULT_NULL} null, the default where there are {gpd_min_heldout()} or more"
             )
         if ranged is None and job.config.range_detector is None:
             report["range_detector_off"] = (
